@@ -1,0 +1,339 @@
+"""Configuration: load, validate against the schema, check what a schema cannot, and cut per-stage slices.
+
+The workflow hands each rule only its own slice of the config (see the ``*_settings`` functions), so that editing
+one setting reruns exactly the jobs it affects.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SCHEMA_PATH = PACKAGE_DIR / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any job runs."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    mapping: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """Load YAML, naming the file in any error and refusing duplicate keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with path.open() as fh:
+            return yaml.load(fh, Loader=_StrictLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+def load_schema() -> dict:
+    text = resources.files("fewseg").joinpath("schemas/config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return "/".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def validate_schema(config: dict) -> None:
+    validator = jsonschema.Draft7Validator(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        lines = [f"  - {_where(e)}: {e.message}" for e in errors[:10]]
+        raise ConfigError("config does not match the schema:\n" + "\n".join(lines))
+
+
+def _int_keys(mapping: dict, where: str) -> dict[int, Any]:
+    out = {}
+    for key, value in mapping.items():
+        try:
+            out[int(key)] = value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: key {key!r} is not a class id") from None
+        if int(key) in out and str(key) != str(int(key)):
+            raise ConfigError(f"{where}: class id {key!r} given twice")
+    return out
+
+
+def normalize(config: dict) -> dict:
+    """Return a copy whose class-keyed mappings have int keys (YAML and ``--config`` may give strings)."""
+    config = copy.deepcopy(config)
+    config["classes"]["names"] = _int_keys(config["classes"]["names"], "classes/names")
+    config["mapping"]["novel_filter"]["thresholds"] = _int_keys(
+        config["mapping"]["novel_filter"]["thresholds"], "mapping/novel_filter/thresholds"
+    )
+    config["prompt_training"]["classes"] = _int_keys(config["prompt_training"]["classes"], "prompt_training/classes")
+    config["inference"]["novel"] = _int_keys(config["inference"]["novel"], "inference/novel")
+    config["overlay"]["background_check"] = _int_keys(config["overlay"]["background_check"], "overlay/background_check")
+    return config
+
+
+def _check_classes(config: dict) -> None:
+    classes = config["classes"]
+    names, base, novel = classes["names"], classes["base"], classes["novel"]
+    for label, ids in (("classes/base", base), ("classes/novel", novel)):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ConfigError(f"{label}: duplicate class ids {dup}")
+    both = sorted(set(base) & set(novel))
+    if both:
+        raise ConfigError(f"classes: ids {both} are listed as both base and novel")
+    if 0 not in names:
+        raise ConfigError("classes/names: class 0 (background) needs a name")
+    unnamed = sorted(set(base) | set(novel) - set(names))
+    if unnamed:
+        raise ConfigError(f"classes/names: classes {unnamed} have no name")
+    extra = sorted(set(names) - set(base) - set(novel) - {0})
+    if extra:
+        raise ConfigError(f"classes/names: ids {extra} are neither base nor novel classes")
+    if max(base) + 1 > len(classes["palette"]):
+        raise ConfigError(
+            f"classes/palette: {len(classes['palette'])} colours, but base class ids go up to {max(base)}"
+        )
+    colours = [tuple(c) for c in classes["palette"]]
+    if len(set(colours)) != len(colours):
+        raise ConfigError("classes/palette: two classes share a colour, so predictions could not be decoded")
+    if config["dataset"]["ignore_index"] in set(base) | set(novel) | {0}:
+        raise ConfigError("dataset/ignore_index: collides with a class id")
+
+
+def _check_novel_maps(config: dict) -> None:
+    novel = set(config["classes"]["novel"])
+    order = config["overlay"]["order"]
+    unknown = [c for c in order if c not in novel]
+    if unknown:
+        raise ConfigError(f"overlay/order: {unknown} are not novel classes (novel: {sorted(novel)})")
+    dup = sorted({c for c in order if order.count(c) > 1})
+    if dup:
+        raise ConfigError(f"overlay/order: classes {dup} appear more than once")
+    per_class = {
+        "prompt_training/classes": config["prompt_training"]["classes"],
+        "inference/novel": config["inference"]["novel"],
+        "overlay/background_check": config["overlay"]["background_check"],
+    }
+    if config["mapping"]["novel_filter"]["enabled"]:
+        per_class["mapping/novel_filter/thresholds"] = config["mapping"]["novel_filter"]["thresholds"]
+    for where, mapping in per_class.items():
+        stray = sorted(set(mapping) - novel)
+        if stray:
+            raise ConfigError(f"{where}: {stray} are not novel classes (novel: {sorted(novel)})")
+        missing = sorted(set(order) - set(mapping))
+        if missing:
+            raise ConfigError(f"{where}: no settings for novel classes {missing}")
+    for cls, crops in config["prompt_training"]["classes"].items():
+        if crops["max_crop_size"] < crops["crop_size"]:
+            raise ConfigError(f"prompt_training/classes/{cls}: max_crop_size is smaller than crop_size")
+        if crops["crop_size"] > config["prompt_training"]["working_size"]:
+            raise ConfigError(f"prompt_training/classes/{cls}: crop_size exceeds prompt_training/working_size")
+    for cls, (low, high) in config["mapping"]["novel_filter"]["thresholds"].items():
+        if low > high:
+            raise ConfigError(f"mapping/novel_filter/thresholds/{cls}: low {low} is above high {high}")
+    if config["inference"]["top_k"] > config["mapping"]["top_n"]:
+        raise ConfigError("inference/top_k: larger than mapping/top_n, the number of prompts ranked")
+
+
+def _check_model(config: dict) -> None:
+    from fewseg.model import PRESETS, SegGPTConfig
+
+    overrides = config["model"].get("overrides") or {}
+    fields = set(SegGPTConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"model/overrides: unknown model settings {unknown} (known: {sorted(fields)})")
+    if config["model"]["preset"] not in PRESETS:
+        raise ConfigError(f"model/preset: unknown preset {config['model']['preset']!r}")
+
+
+def _check_paths(config: dict, base: Path) -> None:
+    def must_exist(value: str | None, where: str, kind: str = "file") -> None:
+        if value is None:
+            return
+        path = Path(value) if Path(value).is_absolute() else base / value
+        ok = path.is_dir() if kind == "folder" else path.is_file()
+        if not ok:
+            raise ConfigError(f"{where}: {kind} {value!r} does not exist")
+
+    must_exist(config["model"]["weights"], "model/weights")
+    must_exist(config["mapping"]["weights"], "mapping/weights")
+    must_exist(config["dataset"]["split_lists"], "dataset/split_lists")
+    dataset = config["dataset"]
+    if dataset["source"] == "folder":
+        if not dataset["root"]:
+            raise ConfigError("dataset/root: required when dataset/source is 'folder'")
+        must_exist(dataset["root"], "dataset/root", "folder")
+        root = Path(dataset["root"])
+        must_exist(str(root / dataset["train_dir"]), "dataset/train_dir", "folder")
+        must_exist(str(root / dataset["test_dir"]), "dataset/test_dir", "folder")
+        if dataset["query_labels"]:
+            must_exist(str(query_labels_dir(config)), "dataset/query_labels", "folder")
+
+
+def check_config(config: dict, base_dir: str | os.PathLike = ".", check_paths: bool = True) -> dict:
+    """Validate ``config`` (schema, then cross-field and path checks); return it with int class keys."""
+    validate_schema(config)
+    config = normalize(config)
+    _check_classes(config)
+    _check_novel_maps(config)
+    _check_model(config)
+    if check_paths:
+        _check_paths(config, Path(base_dir))
+    return config
+
+
+def load_config(path: str | os.PathLike, base_dir: str | os.PathLike = ".", check_paths: bool = True) -> dict:
+    """Load and check a config file; relative paths in it are taken from ``base_dir`` (the working directory)."""
+    return check_config(load_yaml(path), base_dir, check_paths)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset locations
+
+DEMO_ROOT = "results/demo"
+
+
+def dataset_root(config: dict) -> str:
+    return DEMO_ROOT if config["dataset"]["source"] == "demo" else str(config["dataset"]["root"])
+
+
+def query_labels_dir(config: dict) -> str | None:
+    folder = config["dataset"]["query_labels"]
+    if folder is None:
+        return None
+    return folder if os.path.isabs(folder) else os.path.join(dataset_root(config), folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-rule slices: what each stage reads, and nothing more.
+
+
+def model_settings(config: dict) -> dict:
+    return {"model": config["model"], "runtime": config["runtime"]}
+
+
+def base_training_settings(config: dict) -> dict:
+    return {
+        **model_settings(config),
+        "training": config["base_training"],
+        "palette": config["classes"]["palette"],
+        "base": config["classes"]["base"],
+        "seed": config["seed"],
+    }
+
+
+def prompt_settings(config: dict, cls: int) -> dict:
+    """Prompt-training settings of one class: the defaults with that class's overrides."""
+    pt = config["prompt_training"]
+    own = pt["classes"][int(cls)]
+    shared = {k: v for k, v in pt.items() if k != "classes"}
+    merged = {**shared, **{k: v for k, v in own.items() if k not in ("phase1", "phase2")}}
+    for phase in ("phase1", "phase2"):
+        merged[phase] = {**pt[phase], **own.get(phase, {})}
+    return {
+        "cls": int(cls),
+        "name": config["classes"]["names"][int(cls)],
+        "training": merged,
+        "runtime": config["runtime"],
+        "seed": config["seed"],
+    }
+
+
+def mapping_settings(config: dict) -> dict:
+    m = config["mapping"]
+    return {k: m[k] for k in ("encoder", "weights", "pretrained", "image_size", "batch_size")} | {
+        "seed": config["seed"]
+    }
+
+
+def ranking_settings(config: dict) -> dict:
+    return {"top_n": config["mapping"]["top_n"], "novel_filter": config["mapping"]["novel_filter"]}
+
+
+def base_inference_settings(config: dict) -> dict:
+    inf = config["inference"]
+    return {
+        "working_size": inf["working_size"],
+        "top_k": inf["top_k"],
+        "batch_size": inf["batch_size"],
+        "grid": inf["base"]["grid"],
+        "seam_repair": inf["base"]["seam_repair"],
+        "seam_band": inf["seam_band"],
+        "palette": config["classes"]["palette"],
+        "base": config["classes"]["base"],
+        "runtime": config["runtime"],
+    }
+
+
+def novel_inference_settings(config: dict, cls: int) -> dict:
+    inf = config["inference"]
+    own = inf["novel"][int(cls)]
+    return {
+        "cls": int(cls),
+        "working_size": inf["working_size"],
+        "batch_size": inf["batch_size"],
+        "grid": own["grid"],
+        "seam_repair": own["seam_repair"],
+        "seam_band": inf["seam_band"],
+        "runtime": config["runtime"],
+    }
+
+
+def overlay_step_settings(config: dict, step: int) -> dict:
+    order = config["overlay"]["order"]
+    cls = order[int(step) - 1]
+    flt = config["mapping"]["novel_filter"]
+    return {
+        "cls": cls,
+        "background_check": config["overlay"]["background_check"][cls],
+        "skip_nodata": config["overlay"]["skip_nodata"],
+        "filter": flt["thresholds"][cls] if flt["enabled"] else None,
+    }
+
+
+def evaluation_settings(config: dict) -> dict:
+    classes = config["classes"]
+    return {
+        "names": {int(k): v for k, v in classes["names"].items()},
+        "base": classes["base"],
+        "novel": classes["novel"],
+        "ignore_index": config["dataset"]["ignore_index"],
+    }
+
+
+def source_digest(modules: Iterable[str]) -> str:
+    """Digest of fewseg modules' source, so that a library change reruns the jobs that run that code."""
+    h = hashlib.sha256()
+    for name in sorted(set(modules)):
+        path = PACKAGE_DIR / f"{name}.py"
+        h.update(name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
