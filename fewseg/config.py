@@ -66,7 +66,7 @@ def _where(error: jsonschema.ValidationError) -> str:
 
 
 def validate_schema(config: dict) -> None:
-    validator = jsonschema.Draft7Validator(load_schema())
+    validator = jsonschema.Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         lines = [f"  - {_where(e)}: {e.message}" for e in errors[:10]]
@@ -110,7 +110,7 @@ def _check_classes(config: dict) -> None:
         raise ConfigError(f"classes: ids {both} are listed as both base and novel")
     if 0 not in names:
         raise ConfigError("classes/names: class 0 (background) needs a name")
-    unnamed = sorted(set(base) | set(novel) - set(names))
+    unnamed = sorted((set(base) | set(novel)) - set(names))
     if unnamed:
         raise ConfigError(f"classes/names: classes {unnamed} have no name")
     extra = sorted(set(names) - set(base) - set(novel) - {0})

@@ -106,7 +106,7 @@ def _read_all(path: Path) -> tuple[np.ndarray, dict]:
         try:
             data = src.read()
         except RasterioIOError as err:
-            raise InputError(path, f"corrupt or truncated raster ({err})") from None
+            raise InputError(path, f"corrupt or truncated raster ({err.__cause__ or err})") from None
         profile = {"crs": src.crs, "transform": src.transform, "height": src.height, "width": src.width}
         dtypes = set(src.dtypes)
     if dtypes != {"uint8"}:

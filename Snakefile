@@ -1,0 +1,32 @@
+# fewseg: raw OpenEarthMap-style tiles -> results/submission.zip (and results/metrics.json when query labels exist).
+# Stages follow the learnable-prompt SegGPT system; see README.md for the DAG and ../shared/spec for the method.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/mapping.smk"
+include: "rules/training.smk"
+include: "rules/inference.smk"
+include: "rules/submission.smk"
+
+
+localrules:
+    all,
+    make_demo_dataset,
+    convert_train_masks,
+    split_support,
+    overlay_step,
+    make_submission,
+    evaluate,
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

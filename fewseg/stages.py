@@ -1,0 +1,377 @@
+"""One function per workflow rule: the glue between Snakemake's job description and the library.
+
+Each stage takes the rule's ``input``, ``output`` and ``params`` (anything with attribute access, so tests call
+these without Snakemake) and the number of threads. :func:`run_stage` sets up the job's log and turns bad input
+into one readable error line and a non-zero exit instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewseg.io import InputError, atomic_dir, read_georef, read_image, read_json, read_label, write_geotiff, write_json
+from fewseg.io import write_png as _write_png
+
+log = logging.getLogger("fewseg")
+
+# Preview colours of the novel classes (the base classes use the configured palette).
+NOVEL_PREVIEW = [(255, 128, 0), (128, 0, 255), (0, 128, 0), (128, 128, 128), (0, 128, 255), (255, 0, 128)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a stage
+
+
+class _LogStream:
+    """File-like sink for tqdm that writes each refresh as a line of the job's log."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "\n").strip("\n")
+        if text.strip():
+            self.handle.write(text + "\n")
+            self.handle.flush()
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def run_stage(smk: Any, stage: Callable[..., Any]) -> None:
+    """Run ``stage`` for a Snakemake job: log to its log file, set threads, exit 1 with one line on bad input."""
+    log_path = Path(smk.log[0]) if len(smk.log) else None
+    handle = open(log_path, "a") if log_path else sys.stderr  # noqa: SIM115 - lives as long as the job
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=handle, force=True
+    )
+    import torch
+
+    torch.set_num_threads(max(1, int(smk.threads)))
+    t0 = time.time()
+    try:
+        stage(smk.input, smk.output, smk.params, progress=_LogStream(handle))
+    except (InputError, ValueError) as err:
+        message = f"{getattr(smk, 'rule', stage.__name__)}: {err}"
+        log.error("%s", message)
+        print(f"fewseg error: {message}", file=sys.stderr)
+        sys.exit(1)
+    except BaseException:
+        log.error("failed:\n%s", traceback.format_exc())
+        raise
+    log.info("%s finished in %.1f s", stage.__name__, time.time() - t0)
+
+
+def _param(params: Any, name: str) -> Any:
+    return params[name] if isinstance(params, dict) else getattr(params, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def make_demo_dataset(input, output, params, progress=None) -> None:
+    from fewseg.demo import make_demo_dataset as make
+
+    demo = _param(params, "demo")
+    manifest = make(output[0], seed=_param(params, "seed"), **demo)
+    log.info("demo dataset written to %s: %s", output[0], json.dumps(manifest.get("counts", {})))
+
+
+def convert_train_masks(input, output, params, progress=None) -> None:
+    from fewseg.convert import convert_train
+    from fewseg.palette import as_palette
+
+    d = _param(params, "dataset")
+    root = Path(input.root)
+    index = convert_train(
+        root / d["train_dir"] / "images",
+        root / d["train_dir"] / "labels",
+        output[0],
+        palette=as_palette(_param(params, "palette")),
+        base_ids=_param(params, "base"),
+        ignore_index=d["ignore_index"],
+    )
+    log.info("train set: %d tiles converted to colour masks", len(index["tiles"]))
+
+
+def split_support(input, output, params, progress=None) -> None:
+    from fewseg.convert import split_support as split
+
+    d = _param(params, "dataset")
+    root = Path(input.root)
+    train = read_json(Path(input.train) / "index.json")
+    split_lists = read_json(d["split_lists"]) if d["split_lists"] else None
+    result = split(
+        root / d["test_dir"] / "images",
+        root / d["test_dir"] / "labels",
+        output[0],
+        novel_ids=_param(params, "novel"),
+        shots=d["shots"],
+        ignore_index=d["ignore_index"],
+        train_stems=[t["stem"] for t in train["tiles"]],
+        train_images_dir=root / d["train_dir"] / "images",
+        split_lists=split_lists,
+    )
+    counts = {c: len(s) for c, s in result["support"].items()}
+    log.info("support tiles per class %s; %d query tiles", counts, len(result["queries"]))
+
+
+def _train_tiles(train_dir: str | os.PathLike) -> list[dict]:
+    index = read_json(Path(train_dir) / "index.json")
+    return [{**t, "mask": str(Path(train_dir) / t["mask"])} for t in index["tiles"]]
+
+
+def _queries(split_dir: str | os.PathLike) -> list[dict]:
+    return read_json(Path(split_dir) / "query.json")["queries"]
+
+
+def _support_tiles(split_dir: str | os.PathLike, cls: int) -> list[dict]:
+    split_dir = Path(split_dir)
+    stems = read_json(split_dir / "support.json")[str(cls)]
+    return [
+        {"stem": s, "image": str(split_dir / str(cls) / "images" / f"{s}.tif"),
+         "label": str(split_dir / str(cls) / "labels" / f"{s}.png")}
+        for s in stems
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mapping
+
+
+def embed_tiles(input, output, params, progress=None) -> None:
+    from fewseg.mapping import build_encoder, embed_images, save_embeddings
+
+    s = _param(params, "settings")
+    subset = _param(params, "subset")
+    if subset == "train":
+        tiles = _train_tiles(input.tiles)
+        stems, paths, classes = [t["stem"] for t in tiles], [t["image"] for t in tiles], [0] * len(tiles)
+    elif subset == "query":
+        queries = _queries(input.tiles)
+        stems, paths, classes = [q["stem"] for q in queries], [q["image"] for q in queries], [0] * len(queries)
+    else:
+        support = read_json(Path(input.tiles) / "support.json")
+        stems, paths, classes = [], [], []
+        for cls in sorted(support, key=int):
+            for tile in _support_tiles(input.tiles, int(cls)):
+                stems.append(tile["stem"])
+                paths.append(tile["image"])
+                classes.append(int(cls))
+    encoder = build_encoder(s["encoder"], weights=s["weights"], pretrained=s["pretrained"], seed=s["seed"])
+    feats = embed_images(paths, encoder, s["image_size"], s["batch_size"])
+    save_embeddings(output[0], stems, feats, {"classes": classes, "encoder": s["encoder"]})
+    log.info("embedded %d %s tiles with %s (dim %d)", len(stems), subset, s["encoder"], feats.shape[1])
+
+
+def rank_prompts(input, output, params, progress=None) -> None:
+    from fewseg.mapping import build_mapping, load_embeddings
+
+    s = _param(params, "settings")
+    train_stems, train = load_embeddings(input.train)
+    query_stems, query = load_embeddings(input.query)
+    with np.load(input.support) as data:
+        sup_stems, sup_feats, sup_cls = [str(x) for x in data["stems"]], data["features"], data["classes"]
+    support = {
+        int(c): ([st for st, k in zip(sup_stems, sup_cls, strict=True) if k == c], sup_feats[sup_cls == c])
+        for c in np.unique(sup_cls)
+    }
+    mapping = build_mapping(
+        query_stems, query, train_stems, train, support, top_n=s["top_n"], novel_filter=s["novel_filter"]
+    )
+    write_json(output[0], mapping)
+    log.info("ranked %d train tiles for %d queries", len(train_stems), len(query_stems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_base(input, output, params, progress=None) -> None:
+    from fewseg.train import train_base as train
+
+    result = train(
+        _train_tiles(input.train),
+        output.model,
+        output.history,
+        output.plot,
+        _param(params, "checkpoint_dir"),
+        _param(params, "settings"),
+        progress_stream=progress,
+    )
+    log.info("base model: %s", result)
+
+
+def train_prompt(input, output, params, progress=None) -> None:
+    from fewseg.train import train_prompt as train
+
+    s = _param(params, "settings")
+    result = train(
+        input.model,
+        _support_tiles(input.support, s["cls"]),
+        output.prompt,
+        output.history,
+        _param(params, "checkpoint_dir"),
+        s,
+        phase=_param(params, "phase"),
+        init_prompt=getattr(input, "init", None) if _param(params, "phase") == 2 else None,
+        progress_stream=progress,
+    )
+    log.info("class %d prompt: %s", s["cls"], result)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictions
+
+
+def preview_palette(base_palette, novel_ids) -> np.ndarray:
+    size = max([len(base_palette) - 1, *novel_ids]) + 1
+    pal = np.zeros((max(size, 256), 3), dtype=np.uint8)
+    pal[: len(base_palette)] = np.asarray(base_palette, dtype=np.uint8)
+    for i, c in enumerate(sorted(novel_ids)):
+        pal[c] = NOVEL_PREVIEW[i % len(NOVEL_PREVIEW)]
+    return pal
+
+
+def write_prediction(out_dir: Path, query: dict, ids: np.ndarray, image: np.ndarray, palette: np.ndarray) -> None:
+    """A stage's outputs for one query: uint8 PNG ids, a GeoTIFF on the query's grid, and a preview."""
+    stem = query["stem"]
+    _write_png(out_dir / f"{stem}.png", ids)
+    georef = read_georef(query["image"])
+    write_geotiff(out_dir / "geotiff" / f"{stem}.tif", ids, crs=georef["crs"], transform=georef["transform"])
+    preview = np.concatenate([image, np.full((image.shape[0], 4, 3), 255, np.uint8), palette[ids]], axis=1)
+    _write_png(out_dir / "previews" / f"{stem}.png", preview)
+
+
+def _model_and_device(model_path: str, runtime: dict):
+    from fewseg.checkpoints import load_base_model
+    from fewseg.train import pick_device
+
+    device = pick_device(runtime["device"])
+    model, meta = load_base_model(model_path)
+    return model.to(device).eval(), meta, device
+
+
+def infer_base(input, output, params, progress=None) -> None:
+    from fewseg.infer import BasePrompt, predict_base
+    from fewseg.data import resize_image, resize_nearest
+    from fewseg.palette import as_palette
+
+    s = _param(params, "settings")
+    model, _, device = _model_and_device(input.model, s["runtime"])
+    palette = as_palette(s["palette"])
+    tiles = {t["stem"]: t for t in _train_tiles(input.train)}
+    mapping = read_json(input.mapping)["prompts"]
+    queries = _queries(input.queries)
+    show = preview_palette(palette, [])
+
+    with atomic_dir(output[0]) as tmp:
+        for n, q in enumerate(queries, 1):
+            image = read_image(q["image"])
+            prompts = []
+            for p in mapping[q["stem"]][: s["top_k"]]:
+                t = tiles[p["stem"]]
+                mask = resize_nearest(read_image(t["mask"]), s["working_size"])
+                prompts.append(BasePrompt(resize_image(read_image(t["image"]), s["working_size"]), mask))
+            ids = predict_base(
+                model, image, prompts, palette, working_size=s["working_size"], grid=s["grid"],
+                seam_repair=s["seam_repair"], seam_band=s["seam_band"], device=device,
+                precision=s["runtime"]["precision"],
+            )  # fmt: skip
+            write_prediction(tmp, q, ids, image, show)
+            log.info("base prediction %d/%d: %s", n, len(queries), q["stem"])
+
+
+def infer_novel(input, output, params, progress=None) -> None:
+    from fewseg.checkpoints import load_prompt
+    from fewseg.infer import predict_novel
+
+    s = _param(params, "settings")
+    model, meta, device = _model_and_device(input.model, s["runtime"])
+    prompt = load_prompt(input.prompt, meta["fingerprint"])
+    if prompt["cls"] != s["cls"]:
+        raise InputError(input.prompt, f"holds the prompt of class {prompt['cls']}, not {s['cls']}")
+    show = preview_palette([(0, 0, 0)], [s["cls"]])
+    queries = _queries(input.queries)
+    with atomic_dir(output[0]) as tmp:
+        for n, q in enumerate(queries, 1):
+            image = read_image(q["image"])
+            mask = predict_novel(
+                model, image, prompt["prompt_image"], prompt["prompt_label"], working_size=s["working_size"],
+                grid=s["grid"], seam_repair=s["seam_repair"], seam_band=s["seam_band"], batch_size=s["batch_size"],
+                device=device, precision=s["runtime"]["precision"],
+            )  # fmt: skip
+            write_prediction(tmp, q, (mask > 0).astype(np.uint8) * np.uint8(s["cls"]), image, show)
+            log.info("class %d prediction %d/%d: %s (%d px)", s["cls"], n, len(queries), q["stem"], int(mask.sum()))
+
+
+def overlay_step(input, output, params, progress=None) -> None:
+    from fewseg.overlay import filter_decision, paste_class
+
+    s = _param(params, "settings")
+    cls = s["cls"]
+    mapping = read_json(input.mapping)
+    queries = _queries(input.queries)
+    show = preview_palette(_param(params, "palette"), _param(params, "novel"))
+    with atomic_dir(output[0]) as tmp:
+        for q in queries:
+            stem = q["stem"]
+            current = read_label(Path(input.previous) / f"{stem}.png")
+            novel = read_label(Path(input.novel) / f"{stem}.png") == cls
+            image = read_image(q["image"])
+            sim = mapping["novel_similarity"].get(stem, {}).get(str(cls))
+            decision = filter_decision(sim, s["filter"])
+            out = paste_class(
+                current, novel, cls, image=image, background_check=s["background_check"],
+                skip_nodata=s["skip_nodata"], decision=decision,
+            )  # fmt: skip
+            write_prediction(tmp, q, out, image, show)
+            log.info("%s: class %d pasted on %d px (%s)", stem, cls, int((out != current).sum()), decision)
+
+
+def make_submission(input, output, params, progress=None) -> None:
+    from fewseg.submission import write_submission
+
+    queries = _queries(input.queries)
+    preds = {q["stem"]: Path(input.predictions) / f"{q['stem']}.png" for q in queries}
+    missing = [str(p) for p in preds.values() if not p.is_file()]
+    if missing:
+        raise InputError(missing[0], "prediction missing for a query tile")
+    names = write_submission(
+        output[0], preds, {q["stem"]: (q["height"], q["width"]) for q in queries}, _param(params, "max_class")
+    )
+    log.info("submission with %d files: %s", len(names), output[0])
+
+
+def evaluate(input, output, params, progress=None) -> None:
+    from fewseg.metrics import ConfusionMatrix, format_table, summarize
+
+    s = _param(params, "settings")
+    queries = _queries(input.queries)
+    num = max([*s["base"], *s["novel"]]) + 1
+    cm = ConfusionMatrix(num, s["ignore_index"])
+    truth_dir = Path(input.truth)
+    for q in queries:
+        truth_path = truth_dir / f"{q['stem']}.tif"
+        if not truth_path.is_file():
+            raise InputError(truth_path, "query label missing for evaluation")
+        truth = read_label(truth_path)
+        pred = read_label(Path(input.predictions) / f"{q['stem']}.png")
+        if pred.shape != truth.shape:
+            raise InputError(truth_path, f"query label is {truth.shape}, the prediction {pred.shape}")
+        cm.update(pred, truth)
+    summary = summarize(cm, s["base"], s["novel"], s["names"])
+    summary["queries"] = len(queries)
+    write_json(output[0], summary)
+    log.info("challenge metric over %d query tiles:\n%s", len(queries), format_table(summary))

@@ -1,0 +1,73 @@
+# Config validation at start-up, per-rule config slices and input functions. No stage logic lives here.
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+if str(Path(workflow.basedir)) not in sys.path:
+    sys.path.insert(0, str(Path(workflow.basedir)))  # fewseg from this checkout when it is not installed
+
+import fewseg.config as fc
+
+for _configfile in workflow.configfiles:
+    fc.load_yaml(_configfile)  # refuses duplicate keys, which YAML would otherwise drop silently
+validate(config, schema="../fewseg/schemas/config.schema.yaml", set_default=False)
+CFG = fc.check_config(config)
+
+ORDER = CFG["overlay"]["order"]
+NOVEL = ORDER  # classes with a prompt: those the overlay uses
+
+# Library modules behind each stage: their source digest is a param, so a library change reruns what it touches.
+CODE = {
+    "demo": fc.source_digest(["demo", "io", "stages"]),
+    "convert": fc.source_digest(["convert", "io", "palette", "stages"]),
+    "mapping": fc.source_digest(["mapping", "io", "stages"]),
+    "train": fc.source_digest(["train", "data", "model", "prompt", "palette", "schedule", "checkpoints", "metrics", "weights", "io"]),
+    "infer": fc.source_digest(["infer", "data", "model", "palette", "checkpoints", "io", "stages"]),
+    "overlay": fc.source_digest(["overlay", "io", "stages"]),
+    "submission": fc.source_digest(["submission", "metrics", "io", "stages"]),
+}
+
+
+wildcard_constraints:
+    cls=r"\d+",
+    step=r"\d+",
+    subset="train|query|support",
+
+
+def dataset_root():
+    """The demo dataset is a rule's output; a real dataset is a folder the user points to."""
+    return fc.DEMO_ROOT if CFG["dataset"]["source"] == "demo" else CFG["dataset"]["root"]
+
+
+def conversion_settings():
+    d = CFG["dataset"]
+    return {"train_dir": d["train_dir"], "ignore_index": d["ignore_index"]}
+
+
+def split_settings():
+    d = CFG["dataset"]
+    keys = ("train_dir", "test_dir", "shots", "ignore_index", "split_lists")
+    return {k: d[k] for k in keys}
+
+
+def overlay_previous(wildcards):
+    step = int(wildcards.step)
+    if step == 1:
+        return "results/predictions/base"
+    return f"results/predictions/overlay_{step - 1}"
+
+
+def overlay_novel(wildcards):
+    return f"results/predictions/novel_{ORDER[int(wildcards.step) - 1]}"
+
+
+def final_predictions():
+    return f"results/predictions/overlay_{len(ORDER)}"
+
+
+def final_targets():
+    targets = ["results/submission.zip"]
+    if fc.query_labels_dir(CFG):
+        targets.append("results/metrics.json")
+    return targets

@@ -1,0 +1,75 @@
+# Inference (SPEC section 7): base classes, each novel class, then the overlay chain in the configured order.
+
+
+rule infer_base:
+    input:
+        model="results/models/base.pt",
+        train="results/converted/train",
+        mapping="results/mapping/prompts.json",
+        queries="results/converted/split",
+    output:
+        directory("results/predictions/base"),
+    params:
+        settings=fc.base_inference_settings(CFG),
+        code=CODE["infer"],
+    log:
+        "results/logs/infer_base.log",
+    benchmark:
+        "results/benchmarks/infer_base.tsv"
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../envs/fewseg.yaml"
+    script:
+        "../workflow_scripts/infer_base.py"
+
+
+rule infer_novel:
+    input:
+        model="results/models/base.pt",
+        prompt="results/prompts/{cls}/prompt.pt",
+        queries="results/converted/split",
+    output:
+        directory("results/predictions/novel_{cls}"),
+    params:
+        settings=lambda wc: fc.novel_inference_settings(CFG, int(wc.cls)),
+        code=CODE["infer"],
+    log:
+        "results/logs/infer_novel_{cls}.log",
+    benchmark:
+        "results/benchmarks/infer_novel_{cls}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../envs/fewseg.yaml"
+    script:
+        "../workflow_scripts/infer_novel.py"
+
+
+rule overlay_step:
+    input:
+        previous=overlay_previous,
+        novel=overlay_novel,
+        mapping="results/mapping/prompts.json",
+        queries="results/converted/split",
+    output:
+        directory("results/predictions/overlay_{step}"),
+    params:
+        settings=lambda wc: fc.overlay_step_settings(CFG, int(wc.step)),
+        palette=CFG["classes"]["palette"],
+        novel=CFG["classes"]["novel"],
+        code=CODE["overlay"],
+    log:
+        "results/logs/overlay_step_{step}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/fewseg.yaml"
+    script:
+        "../workflow_scripts/overlay_step.py"

@@ -1,0 +1,84 @@
+# Training (SPEC sections 5 and 6): base fine-tuning, then each novel class's prompt in two phases.
+# Checkpoints under results/checkpoints survive a killed job, so a rerun resumes where it stopped.
+
+
+rule train_base:
+    input:
+        train="results/converted/train",
+    output:
+        model="results/models/base.pt",
+        history="results/models/base_history.csv",
+        plot=report(
+            "results/models/base_history.png",
+            caption="../report/base_training.rst",
+            category="Training",
+        ),
+    params:
+        settings=fc.base_training_settings(CFG),
+        checkpoint_dir="results/checkpoints/base",
+        code=CODE["train"],
+    log:
+        "results/logs/train_base.log",
+    benchmark:
+        "results/benchmarks/train_base.tsv"
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    conda:
+        "../envs/fewseg.yaml"
+    script:
+        "../workflow_scripts/train_base.py"
+
+
+rule train_prompt_phase1:
+    input:
+        model="results/models/base.pt",
+        support="results/converted/split",
+    output:
+        prompt="results/prompts/{cls}/phase1.pt",
+        history="results/prompts/{cls}/phase1_history.csv",
+    params:
+        settings=lambda wc: fc.prompt_settings(CFG, int(wc.cls)),
+        phase=1,
+        checkpoint_dir="results/checkpoints/prompt_{cls}",
+        code=CODE["train"],
+    log:
+        "results/logs/train_prompt_phase1_{cls}.log",
+    benchmark:
+        "results/benchmarks/train_prompt_phase1_{cls}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/fewseg.yaml"
+    script:
+        "../workflow_scripts/train_prompt.py"
+
+
+rule train_prompt_phase2:
+    input:
+        model="results/models/base.pt",
+        support="results/converted/split",
+        init="results/prompts/{cls}/phase1.pt",
+    output:
+        prompt="results/prompts/{cls}/prompt.pt",
+        history="results/prompts/{cls}/phase2_history.csv",
+    params:
+        settings=lambda wc: fc.prompt_settings(CFG, int(wc.cls)),
+        phase=2,
+        checkpoint_dir="results/checkpoints/prompt_{cls}",
+        code=CODE["train"],
+    log:
+        "results/logs/train_prompt_phase2_{cls}.log",
+    benchmark:
+        "results/benchmarks/train_prompt_phase2_{cls}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/fewseg.yaml"
+    script:
+        "../workflow_scripts/train_prompt.py"
