@@ -54,7 +54,9 @@ def embed_images(
     std = cfg.get("std", (0.229, 0.224, 0.225))
     feats = []
     for start in range(0, len(paths), batch_size):
-        batch = torch.stack([_preprocess(read_image(p), image_size, mean, std) for p in paths[start : start + batch_size]])
+        batch = torch.stack(
+            [_preprocess(read_image(p), image_size, mean, std) for p in paths[start : start + batch_size]]
+        )
         f = encoder(batch).float()
         feats.append(torch.nn.functional.normalize(f.flatten(1), dim=1).numpy())
         if progress:

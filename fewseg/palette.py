@@ -81,5 +81,5 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     arr = np.asarray(rgb)
     if arr.ndim == 3:
         arr = arr[None]
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
+    t = torch.from_numpy(np.require(arr, np.uint8, ["C", "W"])).permute(0, 3, 1, 2).float() / 255.0
     return normalize(t)

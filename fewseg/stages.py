@@ -264,8 +264,8 @@ def _model_and_device(model_path: str, runtime: dict):
 
 
 def infer_base(input, output, params, progress=None) -> None:
-    from fewseg.infer import BasePrompt, predict_base
     from fewseg.data import resize_image, resize_nearest
+    from fewseg.infer import BasePrompt, predict_base
     from fewseg.palette import as_palette
 
     s = _param(params, "settings")
@@ -361,7 +361,7 @@ def evaluate(input, output, params, progress=None) -> None:
     queries = _queries(input.queries)
     num = max([*s["base"], *s["novel"]]) + 1
     cm = ConfusionMatrix(num, s["ignore_index"])
-    truth_dir = Path(input.truth)
+    truth_dir = Path(_param(params, "truth"))
     for q in queries:
         truth_path = truth_dir / f"{q['stem']}.tif"
         if not truth_path.is_file():

@@ -118,9 +118,7 @@ def plot_history(path: str | os.PathLike, rows: Sequence[dict], title: str) -> N
 
 
 def _progress(total: int, initial: int, desc: str, stream) -> tqdm:
-    return tqdm(
-        total=total, initial=initial, desc=desc, file=stream, mininterval=5.0, ascii=True, dynamic_ncols=False
-    )
+    return tqdm(total=total, initial=initial, desc=desc, file=stream, mininterval=5.0, ascii=True, dynamic_ncols=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,8 +260,16 @@ def train_base(
                 i, j = pair_at(perm(g % pairs), len(train_tiles))
                 samples.append(
                     base_sample(
-                        store, i, j, rng, tile=cfg.tile_size, grid=cfg.grid_size, num_colors=num_colors,
-                        mask_ratio=t["mask_ratio"], blur_prob=t["blur_prob"], blur_sigma=t["blur_sigma"],
+                        store,
+                        i,
+                        j,
+                        rng,
+                        tile=cfg.tile_size,
+                        grid=cfg.grid_size,
+                        num_colors=num_colors,
+                        mask_ratio=t["mask_ratio"],
+                        blur_prob=t["blur_prob"],
+                        blur_sigma=t["blur_sigma"],
                     )  # fmt: skip
                 )
             images, labels, mask = _batch_tensors(samples, device)

@@ -5,12 +5,16 @@ from pathlib import Path
 from snakemake.utils import validate
 
 if str(Path(workflow.basedir)) not in sys.path:
-    sys.path.insert(0, str(Path(workflow.basedir)))  # fewseg from this checkout when it is not installed
+    sys.path.insert(
+        0, str(Path(workflow.basedir))
+    )  # fewseg from this checkout when it is not installed
 
 import fewseg.config as fc
 
 for _configfile in workflow.configfiles:
-    fc.load_yaml(_configfile)  # refuses duplicate keys, which YAML would otherwise drop silently
+    fc.load_yaml(
+        _configfile
+    )  # refuses duplicate keys, which YAML would otherwise drop silently
 validate(config, schema="../fewseg/schemas/config.schema.yaml", set_default=False)
 CFG = fc.check_config(config)
 
@@ -22,8 +26,23 @@ CODE = {
     "demo": fc.source_digest(["demo", "io", "stages"]),
     "convert": fc.source_digest(["convert", "io", "palette", "stages"]),
     "mapping": fc.source_digest(["mapping", "io", "stages"]),
-    "train": fc.source_digest(["train", "data", "model", "prompt", "palette", "schedule", "checkpoints", "metrics", "weights", "io"]),
-    "infer": fc.source_digest(["infer", "data", "model", "palette", "checkpoints", "io", "stages"]),
+    "train": fc.source_digest(
+        [
+            "train",
+            "data",
+            "model",
+            "prompt",
+            "palette",
+            "schedule",
+            "checkpoints",
+            "metrics",
+            "weights",
+            "io",
+        ]
+    ),
+    "infer": fc.source_digest(
+        ["infer", "data", "model", "palette", "checkpoints", "io", "stages"]
+    ),
     "overlay": fc.source_digest(["overlay", "io", "stages"]),
     "submission": fc.source_digest(["submission", "metrics", "io", "stages"]),
 }
@@ -37,7 +56,16 @@ wildcard_constraints:
 
 def dataset_root():
     """The demo dataset is a rule's output; a real dataset is a folder the user points to."""
-    return fc.DEMO_ROOT if CFG["dataset"]["source"] == "demo" else CFG["dataset"]["root"]
+    return (
+        fc.DEMO_ROOT if CFG["dataset"]["source"] == "demo" else CFG["dataset"]["root"]
+    )
+
+
+def query_labels_input():
+    """Query labels inside the generated demo dataset come with its rule's output; elsewhere they are a folder."""
+    if CFG["dataset"]["source"] == "demo":
+        return fc.DEMO_ROOT
+    return fc.query_labels_dir(CFG) or []
 
 
 def conversion_settings():

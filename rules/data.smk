@@ -4,18 +4,18 @@
 rule make_demo_dataset:
     output:
         directory(fc.DEMO_ROOT),
-    params:
-        demo=CFG["demo"],
-        seed=CFG["seed"],
-        code=CODE["demo"],
     log:
         "results/logs/make_demo_dataset.log",
+    conda:
+        "../envs/fewseg.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/fewseg.yaml"
+    params:
+        demo=CFG["demo"],
+        seed=CFG["seed"],
+        code=CODE["demo"],
     script:
         "../workflow_scripts/make_demo_dataset.py"
 
@@ -25,19 +25,19 @@ rule convert_train_masks:
         root=dataset_root(),
     output:
         directory("results/converted/train"),
+    log:
+        "results/logs/convert_train_masks.log",
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         dataset=conversion_settings(),
         palette=CFG["classes"]["palette"],
         base=CFG["classes"]["base"],
         code=CODE["convert"],
-    log:
-        "results/logs/convert_train_masks.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        "../envs/fewseg.yaml"
     script:
         "../workflow_scripts/convert_train_masks.py"
 
@@ -48,17 +48,17 @@ rule split_support:
         train="results/converted/train",
     output:
         directory("results/converted/split"),
-    params:
-        dataset=split_settings(),
-        novel=CFG["classes"]["novel"],
-        code=CODE["convert"],
     log:
         "results/logs/split_support.log",
+    conda:
+        "../envs/fewseg.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../envs/fewseg.yaml"
+    params:
+        dataset=split_settings(),
+        novel=CFG["classes"]["novel"],
+        code=CODE["convert"],
     script:
         "../workflow_scripts/split_support.py"

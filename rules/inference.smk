@@ -9,19 +9,19 @@ rule infer_base:
         queries="results/converted/split",
     output:
         directory("results/predictions/base"),
-    params:
-        settings=fc.base_inference_settings(CFG),
-        code=CODE["infer"],
     log:
         "results/logs/infer_base.log",
     benchmark:
         "results/benchmarks/infer_base.tsv"
+    conda:
+        "../envs/fewseg.yaml"
     threads: 4
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../envs/fewseg.yaml"
+    params:
+        settings=fc.base_inference_settings(CFG),
+        code=CODE["infer"],
     script:
         "../workflow_scripts/infer_base.py"
 
@@ -33,19 +33,19 @@ rule infer_novel:
         queries="results/converted/split",
     output:
         directory("results/predictions/novel_{cls}"),
-    params:
-        settings=lambda wc: fc.novel_inference_settings(CFG, int(wc.cls)),
-        code=CODE["infer"],
     log:
         "results/logs/infer_novel_{cls}.log",
     benchmark:
         "results/benchmarks/infer_novel_{cls}.tsv"
+    conda:
+        "../envs/fewseg.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../envs/fewseg.yaml"
+    params:
+        settings=lambda wc: fc.novel_inference_settings(CFG, int(wc.cls)),
+        code=CODE["infer"],
     script:
         "../workflow_scripts/infer_novel.py"
 
@@ -58,18 +58,18 @@ rule overlay_step:
         queries="results/converted/split",
     output:
         directory("results/predictions/overlay_{step}"),
+    log:
+        "results/logs/overlay_step_{step}.log",
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         settings=lambda wc: fc.overlay_step_settings(CFG, int(wc.step)),
         palette=CFG["classes"]["palette"],
         novel=CFG["classes"]["novel"],
         code=CODE["overlay"],
-    log:
-        "results/logs/overlay_step_{step}.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        "../envs/fewseg.yaml"
     script:
         "../workflow_scripts/overlay_step.py"

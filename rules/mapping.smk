@@ -4,24 +4,26 @@
 rule embed_tiles:
     input:
         tiles=lambda wc: (
-            "results/converted/train" if wc.subset == "train" else "results/converted/split"
+            "results/converted/train"
+            if wc.subset == "train"
+            else "results/converted/split"
         ),
     output:
         "results/mapping/embeddings_{subset}.npz",
-    params:
-        settings=fc.mapping_settings(CFG),
-        subset="{subset}",
-        code=CODE["mapping"],
     log:
         "results/logs/embed_tiles_{subset}.log",
     benchmark:
         "results/benchmarks/embed_tiles_{subset}.tsv"
+    conda:
+        "../envs/fewseg.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../envs/fewseg.yaml"
+    params:
+        settings=fc.mapping_settings(CFG),
+        subset="{subset}",
+        code=CODE["mapping"],
     script:
         "../workflow_scripts/embed_tiles.py"
 
@@ -33,16 +35,16 @@ rule rank_prompts:
         support="results/mapping/embeddings_support.npz",
     output:
         "results/mapping/prompts.json",
-    params:
-        settings=fc.ranking_settings(CFG),
-        code=CODE["mapping"],
     log:
         "results/logs/rank_prompts.log",
+    conda:
+        "../envs/fewseg.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/fewseg.yaml"
+    params:
+        settings=fc.ranking_settings(CFG),
+        code=CODE["mapping"],
     script:
         "../workflow_scripts/rank_prompts.py"

@@ -7,17 +7,17 @@ rule make_submission:
         queries="results/converted/split",
     output:
         "results/submission.zip",
-    params:
-        max_class=max(CFG["classes"]["novel"] + CFG["classes"]["base"]),
-        code=CODE["submission"],
     log:
         "results/logs/make_submission.log",
+    conda:
+        "../envs/fewseg.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/fewseg.yaml"
+    params:
+        max_class=max(CFG["classes"]["novel"] + CFG["classes"]["base"]),
+        code=CODE["submission"],
     script:
         "../workflow_scripts/make_submission.py"
 
@@ -26,19 +26,22 @@ rule evaluate:
     input:
         predictions=final_predictions(),
         queries="results/converted/split",
-        truth=fc.query_labels_dir(CFG) or [],
+        truth=query_labels_input(),
     output:
-        report("results/metrics.json", caption="../report/metrics.rst", category="Metrics"),
-    params:
-        settings=fc.evaluation_settings(CFG),
-        code=CODE["submission"],
+        report(
+            "results/metrics.json", caption="../report/metrics.rst", category="Metrics"
+        ),
     log:
         "results/logs/evaluate.log",
+    conda:
+        "../envs/fewseg.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/fewseg.yaml"
+    params:
+        settings=fc.evaluation_settings(CFG),
+        truth=fc.query_labels_dir(CFG),
+        code=CODE["submission"],
     script:
         "../workflow_scripts/evaluate.py"

@@ -13,20 +13,20 @@ rule train_base:
             caption="../report/base_training.rst",
             category="Training",
         ),
-    params:
-        settings=fc.base_training_settings(CFG),
-        checkpoint_dir="results/checkpoints/base",
-        code=CODE["train"],
     log:
         "results/logs/train_base.log",
     benchmark:
         "results/benchmarks/train_base.tsv"
+    conda:
+        "../envs/fewseg.yaml"
     threads: 4
     resources:
         mem_mb=8000,
         runtime=720,
-    conda:
-        "../envs/fewseg.yaml"
+    params:
+        settings=fc.base_training_settings(CFG),
+        checkpoint_dir="results/checkpoints/base",
+        code=CODE["train"],
     script:
         "../workflow_scripts/train_base.py"
 
@@ -38,21 +38,21 @@ rule train_prompt_phase1:
     output:
         prompt="results/prompts/{cls}/phase1.pt",
         history="results/prompts/{cls}/phase1_history.csv",
+    log:
+        "results/logs/train_prompt_phase1_{cls}.log",
+    benchmark:
+        "results/benchmarks/train_prompt_phase1_{cls}.tsv"
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
     params:
         settings=lambda wc: fc.prompt_settings(CFG, int(wc.cls)),
         phase=1,
         checkpoint_dir="results/checkpoints/prompt_{cls}",
         code=CODE["train"],
-    log:
-        "results/logs/train_prompt_phase1_{cls}.log",
-    benchmark:
-        "results/benchmarks/train_prompt_phase1_{cls}.tsv"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=240,
-    conda:
-        "../envs/fewseg.yaml"
     script:
         "../workflow_scripts/train_prompt.py"
 
@@ -65,20 +65,20 @@ rule train_prompt_phase2:
     output:
         prompt="results/prompts/{cls}/prompt.pt",
         history="results/prompts/{cls}/phase2_history.csv",
+    log:
+        "results/logs/train_prompt_phase2_{cls}.log",
+    benchmark:
+        "results/benchmarks/train_prompt_phase2_{cls}.tsv"
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
     params:
         settings=lambda wc: fc.prompt_settings(CFG, int(wc.cls)),
         phase=2,
         checkpoint_dir="results/checkpoints/prompt_{cls}",
         code=CODE["train"],
-    log:
-        "results/logs/train_prompt_phase2_{cls}.log",
-    benchmark:
-        "results/benchmarks/train_prompt_phase2_{cls}.tsv"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=240,
-    conda:
-        "../envs/fewseg.yaml"
     script:
         "../workflow_scripts/train_prompt.py"

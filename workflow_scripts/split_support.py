@@ -1,5 +1,5 @@
 import _bootstrap  # noqa: F401
 
-from fewseg.stages import split_support, run_stage
+from fewseg.stages import run_stage, split_support
 
 run_stage(snakemake, split_support)

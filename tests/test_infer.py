@@ -1,0 +1,85 @@
+"""Inference geometry on arrays with known answers, and inference on a non-square 1000x1000-style input."""
+
+import numpy as np
+import torch
+
+from fewseg.infer import (
+    BasePrompt,
+    band_mask,
+    canvas_mask,
+    predict_base,
+    predict_novel,
+    prompt_pairs,
+    seam_crops,
+    tile_boxes,
+)
+from fewseg.model import build_model
+
+
+def test_tile_boxes_cover_the_map_once():
+    for size, grid in ((1024, 2), (1024, 8), (1000, 3), (96, 4)):
+        cover = np.zeros((size, size), int)
+        for y0, x0, y1, x1 in tile_boxes(size, grid):
+            cover[y0:y1, x0:x1] += 1
+        assert (cover == 1).all()
+        assert len(tile_boxes(size, grid)) == grid * grid
+
+
+def test_published_five_seam_crops_on_a_2x2_tiling():
+    crops = seam_crops(1024, 2, patches=28, band=4)
+    boxes = sorted(c.box for c in crops)
+    assert boxes == sorted(
+        [
+            (0, 256, 512, 768),  # top-middle (vertical seam)
+            (512, 256, 1024, 768),  # bottom-middle
+            (256, 0, 768, 512),  # left-middle (horizontal seam)
+            (256, 512, 768, 1024),  # right-middle
+            (256, 256, 768, 768),  # centre
+        ]
+    )
+    centre = next(c for c in crops if c.box == (256, 256, 768, 768))
+    m = band_mask(centre, 28)
+    assert m.sum() == 64 and m[10:18, 10:18].all()  # an 8 x 8-patch square
+    top = next(c for c in crops if c.box == (0, 256, 512, 768))
+    m = band_mask(top, 28)
+    assert m.sum() == 28 * 8 and m[:, 10:18].all()  # +-4 patch columns around the seam
+
+
+def test_canvas_mask_never_masks_the_prompt_half():
+    q = np.ones((3, 2), bool)
+    m = canvas_mask(q)
+    assert m.tolist() == [False] * 6 + [True] * 6
+
+
+def test_ensemble_pairs_query_tile_with_every_tile_of_top_k_prompts():
+    prompts = [np.zeros((1024, 1024, 3), np.uint8)] * 2
+    assert len(prompt_pairs(prompts, 2)) == 8
+
+
+def _micro():
+    torch.manual_seed(0)
+    return build_model("micro").eval()
+
+
+def test_base_prediction_comes_back_at_the_query_size():
+    model = _micro()
+    rng = np.random.default_rng(0)
+    query = rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)  # a 1000x1000 OEM tile, scaled down
+    prompt = BasePrompt(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8), np.zeros((96, 96, 3), np.uint8))
+    palette = np.array([[0, 0, 0], [255, 0, 0]], np.uint8)
+    ids = predict_base(
+        model, query, [prompt, prompt], palette, working_size=96, grid=2, seam_repair=True, seam_band=1,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    assert ids.shape == (100, 100) and ids.dtype == np.uint8 and ids.max() <= 1
+
+
+def test_novel_prediction_is_binary_at_the_query_size():
+    model = _micro()
+    query = np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    h, w = model.config.tile_size
+    mask = predict_novel(
+        model, query, torch.zeros(1, 3, h, w), torch.zeros(1, 3, h, w), working_size=96, grid=3, seam_repair=True,
+        seam_band=1, batch_size=4, device=torch.device("cpu"),
+    )  # fmt: skip
+    assert mask.shape == (70, 90) and set(np.unique(mask)) <= {0, 1}

@@ -1,0 +1,201 @@
+"""Unit tests of fewseg's small parts, on hand-made arrays with known answers."""
+
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from fewseg.data import LazyPermutation, num_pairs, pair_at, query_half_patches, random_patches
+from fewseg.io import write_png
+from fewseg.metrics import ConfusionMatrix, summarize
+from fewseg.overlay import filter_decision, paste_class
+from fewseg.palette import as_palette, decode_canvas, ids_to_rgb, normalize, random_palette, rgb_to_ids
+from fewseg.prompt import crop_windows
+from fewseg.schedule import lr_at
+from fewseg.submission import read_submission, write_submission
+
+OEM_PALETTE = as_palette(
+    [[0, 0, 0], [255, 0, 0], [0, 255, 255], [0, 255, 0], [255, 255, 0], [0, 0, 255], [255, 255, 255], [255, 0, 255]]
+)
+
+
+# --- palette ---------------------------------------------------------------------------------------------------
+
+
+def test_palette_round_trip_is_exact():
+    ids = np.random.default_rng(0).integers(0, 8, size=(17, 23)).astype(np.uint8)
+    assert np.array_equal(rgb_to_ids(ids_to_rgb(ids, OEM_PALETTE), OEM_PALETTE), ids)
+
+
+def test_palette_decodes_to_nearest_colour():
+    rgb = np.array([[[250, 10, 5], [10, 10, 240], [128, 128, 128]]], dtype=np.uint8)
+    assert rgb_to_ids(rgb, OEM_PALETTE).tolist() == [[1, 5, 6]]  # mid-grey is a hair nearer white
+
+
+def test_decode_canvas_matches_numpy_decoding():
+    ids = np.random.default_rng(1).integers(0, 8, size=(2, 8, 6)).astype(np.uint8)
+    rgb = torch.from_numpy(OEM_PALETTE[ids]).permute(0, 3, 1, 2).float() / 255
+    assert np.array_equal(decode_canvas(normalize(rgb), OEM_PALETTE), ids)
+
+
+def test_palette_rejects_duplicate_colours():
+    with pytest.raises(ValueError, match="distinct"):
+        as_palette([[0, 0, 0], [0, 0, 0]])
+
+
+def test_random_palette_is_seeded_and_separated():
+    a = random_palette(8, np.random.default_rng(3))
+    b = random_palette(8, np.random.default_rng(3))
+    assert np.array_equal(a, b)
+    d = np.linalg.norm(a[:, None].astype(float) - a[None].astype(float), axis=-1)
+    assert d[~np.eye(8, dtype=bool)].min() >= 48
+
+
+# --- metric ----------------------------------------------------------------------------------------------------
+
+
+def test_metric_sums_intersections_and_unions_over_tiles():
+    cm = ConfusionMatrix(3)
+    # tile 1: class 1 predicted on 2 of its 2 pixels plus 1 false positive; tile 2: class 1 missed entirely
+    cm.update(np.array([[1, 1, 1, 0]]), np.array([[1, 1, 0, 0]]))
+    cm.update(np.array([[0, 0]]), np.array([[1, 1]]))
+    iou = cm.iou()
+    assert iou[1] == pytest.approx(2 / 5)  # I = 2, U = 3 predicted + 4 true - 2
+    assert np.isnan(iou[2])
+
+
+def test_metric_ignores_255_and_weights_score():
+    cm = ConfusionMatrix(12, ignore_index=255)
+    truth = np.array([[1, 8, 255, 0]])
+    pred = np.array([[1, 8, 3, 0]])
+    cm.update(pred, truth)
+    s = summarize(cm, base=[1, 2], novel=[8, 9], names={})
+    assert s["per_class"]["3"]["predicted_pixels"] == 0  # the ignored pixel counted nowhere
+    assert s["base_miou"] == pytest.approx(1.0) and s["novel_miou"] == pytest.approx(1.0)
+    assert s["score"] == pytest.approx(0.4 * 1 + 0.6 * 1)
+
+
+def test_background_mistakes_enlarge_other_unions():
+    cm = ConfusionMatrix(3)
+    cm.update(np.array([[1, 1]]), np.array([[1, 0]]))
+    assert cm.iou()[1] == pytest.approx(0.5)
+
+
+# --- overlay ---------------------------------------------------------------------------------------------------
+
+
+def test_paste_with_background_check_only_fills_zero():
+    current = np.array([[0, 3], [0, 0]], dtype=np.uint8)
+    mask = np.array([[1, 1], [0, 1]], dtype=bool)
+    out = paste_class(current, mask, 9, background_check=True, skip_nodata=False)
+    assert out.tolist() == [[9, 3], [0, 9]]
+    out = paste_class(current, mask, 8, background_check=False, skip_nodata=False)
+    assert out.tolist() == [[8, 8], [0, 8]]
+
+
+def test_paste_skips_pure_black_pixels():
+    current = np.zeros((1, 3), dtype=np.uint8)
+    image = np.array([[[0, 0, 0], [0, 0, 1], [9, 9, 9]]], dtype=np.uint8)
+    out = paste_class(current, np.ones((1, 3), bool), 10, image=image, background_check=False, skip_nodata=True)
+    assert out.tolist() == [[0, 10, 10]]
+
+
+def test_filter_and_force_lists():
+    assert filter_decision(0.60, (0.65, 0.70)) == "skip"
+    assert filter_decision(0.68, (0.65, 0.70)) == "normal"
+    assert filter_decision(0.75, (0.65, 0.70)) == "force"
+    assert filter_decision(0.75, None) == "normal"
+    current = np.array([[3, 0]], dtype=np.uint8)
+    mask = np.ones((1, 2), bool)
+    assert paste_class(current, mask, 9, decision="force", skip_nodata=False).tolist() == [[9, 9]]
+    assert paste_class(current, mask, 9, decision="skip", skip_nodata=False).tolist() == [[3, 0]]
+
+
+def test_overlay_chain_order_decides_the_winner():
+    base = np.zeros((1, 2), dtype=np.uint8)
+    a = np.array([[1, 1]], bool)
+    b = np.array([[0, 1]], bool)
+    first_a = paste_class(paste_class(base, a, 9, skip_nodata=False), b, 11, skip_nodata=False)
+    first_b = paste_class(paste_class(base, b, 11, skip_nodata=False), a, 9, skip_nodata=False)
+    assert first_a.tolist() == [[9, 9]] and first_b.tolist() == [[9, 11]]
+
+
+# --- submission ------------------------------------------------------------------------------------------------
+
+
+def test_zip_layout_is_flat_sorted_and_reproducible(tmp_path):
+    preds = {}
+    for stem in ("b_2", "a_1"):
+        ids = np.full((5, 7), 11 if stem == "a_1" else 3, np.uint8)
+        write_png(tmp_path / f"{stem}.png", ids)
+        preds[stem] = tmp_path / f"{stem}.png"
+    sizes = {"a_1": (5, 7), "b_2": (5, 7)}
+    write_submission(tmp_path / "s1.zip", preds, sizes, max_class=11)
+    write_submission(tmp_path / "s2.zip", preds, sizes, max_class=11)
+    assert (tmp_path / "s1.zip").read_bytes() == (tmp_path / "s2.zip").read_bytes()
+    with zipfile.ZipFile(tmp_path / "s1.zip") as zf:
+        assert zf.namelist() == ["a_1.png", "b_2.png"]
+    decoded = read_submission(tmp_path / "s1.zip")
+    assert decoded["a_1"].dtype == np.uint8 and decoded["a_1"].shape == (5, 7) and decoded["a_1"].max() == 11
+
+
+def test_zip_refuses_wrong_size(tmp_path):
+    write_png(tmp_path / "q.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="q.png"):
+        write_submission(tmp_path / "s.zip", {"q": tmp_path / "q.png"}, {"q": (8, 8)}, max_class=11)
+    assert not (tmp_path / "s.zip").exists()
+
+
+# --- schedule --------------------------------------------------------------------------------------------------
+
+PUBLISHED = dict(peak=1e-4, min_lr=1e-8, warmup=500, first_cycle=5000, cycle_mult=1.2, decay=0.5)
+
+
+def test_schedule_published_values():
+    assert lr_at(0, **PUBLISHED) == pytest.approx(1e-8)
+    assert lr_at(250, **PUBLISHED) == pytest.approx(1e-8 + (1e-4 - 1e-8) / 2)
+    assert lr_at(500, **PUBLISHED) == pytest.approx(1e-4)
+    assert lr_at(2750, **PUBLISHED) == pytest.approx(1e-8 + (1e-4 - 1e-8) / 2)  # half-way down the cosine
+    assert lr_at(5000, **PUBLISHED) == pytest.approx(1e-8)  # second cycle restarts its warm-up
+    assert lr_at(5500, **PUBLISHED) == pytest.approx(0.5e-4)  # at half the peak
+    # the second cycle is 500 + 4500 * 1.2 = 5900 steps long, so the third starts at 10900 with a quarter peak
+    assert lr_at(10899, **PUBLISHED) < 1e-7
+    assert lr_at(11400, **PUBLISHED) == pytest.approx(0.25e-4)
+
+
+def test_schedule_prompt_cycles():
+    kw = dict(peak=1e-3, min_lr=0.0, warmup=0, first_cycle=1000, decay=0.8)
+    assert lr_at(0, **kw) == pytest.approx(1e-3)
+    assert lr_at(1000, **kw) == pytest.approx(0.8e-3)
+    assert lr_at(2000, **kw) == pytest.approx(0.64e-3)
+
+
+# --- crops and pairs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("crop", "max_crop", "stride", "expected"),
+    [(128, 128, 16, 3136), (128, 256, 32, 784 + 144), (256, 512, 64, 144 + 16)],
+)
+def test_crop_counts_match_the_published_ones(crop, max_crop, stride, expected):
+    assert len(crop_windows(1024, crop, max_crop, stride)) == expected
+
+
+def test_pair_index_covers_every_unordered_pair_once():
+    for n in (2, 3, 7, 30):
+        pairs = [pair_at(k, n) for k in range(num_pairs(n))]
+        assert sorted(pairs) == [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def test_lazy_permutation_is_a_bijection():
+    for size in (1, 2, 10, 33153):
+        perm = LazyPermutation(size, [0, 1])
+        assert len({perm(k) for k in range(size)}) == size
+
+
+def test_masks():
+    q = query_half_patches((4, 2))
+    assert q.tolist() == [False] * 4 + [True] * 4
+    r = random_patches((10, 10), 0.7, np.random.default_rng(0))
+    assert r.sum() == 70
