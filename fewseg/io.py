@@ -25,6 +25,12 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 IMAGE_SUFFIXES = (".tif", ".tiff")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class InputError(ValueError):
     """Bad input data: the message names the file and the problem."""
 
@@ -48,6 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs should read like any other file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -62,6 +69,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
