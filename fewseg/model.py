@@ -1,0 +1,472 @@
+"""SegGPT: in-context segmentation with a plain ViT over a two-tile canvas.
+
+The prompt (image, label) pair sits in the top half of a canvas and the query image in the bottom half.
+The image canvas and the label canvas are encoded as two streams of one batch, merged after a few blocks,
+and a light pixel decoder paints the label canvas. Parameter names follow the original BAAI Painter
+release, so its checkpoint loads without renaming; the Hugging Face port needs only a key map
+(see :mod:`fewseg.weights`). Numerics match ``transformers``' ``SegGptForImageSegmentation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "PRESETS",
+    "SegGPT",
+    "SegGPTConfig",
+    "build_model",
+    "count_parameters",
+    "fingerprint",
+    "query_half_mask",
+    "random_mask",
+]
+
+EMBEDDING_TYPES = ("semantic", "instance")
+
+
+@dataclass(frozen=True)
+class SegGPTConfig:
+    """Architecture and loss hyper-parameters of a SegGPT model."""
+
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    # One half of the canvas (h, w); the canvas is (2h, w) with the prompt on top and the query below.
+    tile_size: tuple[int, int] = (448, 448)
+    # Grid of the absolute position table (pretrained at 224 px / 16); resized bicubically to the canvas.
+    pretrain_grid: int = 14
+    # Blocks 0..merge_index run the image and label streams separately; their average continues.
+    merge_index: int = 2
+    feature_layers: tuple[int, ...] = (5, 11, 17, 23)
+    decoder_dim: int = 64
+    drop_path_rate: float = 0.1
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    loss_beta: float = 0.01
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        tile = self.tile_size
+        tile = (int(tile), int(tile)) if isinstance(tile, int) else tuple(int(t) for t in tile)
+        object.__setattr__(self, "tile_size", tile)
+        object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+        if len(tile) != 2:
+            raise ValueError(f"tile_size must be (h, w), got {self.tile_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if tile[0] % self.patch_size or tile[1] % self.patch_size:
+            raise ValueError(f"tile_size={tile} is not a multiple of patch_size={self.patch_size}")
+        if not 0 <= self.merge_index < self.depth:
+            raise ValueError(f"merge_index={self.merge_index} must lie in [0, depth={self.depth})")
+        layers = self.feature_layers
+        if not layers or list(layers) != sorted(set(layers)):
+            raise ValueError(f"feature_layers must be non-empty, increasing and unique, got {layers}")
+        # Features are taken from the merged stream, so none may precede the merge.
+        if layers[0] < self.merge_index or layers[-1] >= self.depth:
+            raise ValueError(
+                f"feature_layers={layers} must lie in [merge_index={self.merge_index}, depth={self.depth})"
+            )
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        return 2 * self.tile_size[0], self.tile_size[1]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.canvas_size
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SegGPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SegGPTConfig fields: {unknown}")
+        return cls(**dict(d))
+
+
+PRESETS: dict[str, SegGPTConfig] = {
+    # The released model, about 370M parameters.
+    "vit_large": SegGPTConfig(),
+    # Small enough to fine-tune on a laptop CPU.
+    "tiny": SegGPTConfig(
+        embed_dim=128,
+        depth=6,
+        num_heads=4,
+        patch_size=16,
+        tile_size=(128, 128),
+        pretrain_grid=8,
+        merge_index=1,
+        feature_layers=(1, 3, 5),
+        decoder_dim=16,
+        drop_path_rate=0.0,
+    ),
+    # For unit and workflow tests.
+    "micro": SegGPTConfig(
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        patch_size=16,
+        tile_size=(64, 64),
+        pretrain_grid=4,
+        merge_index=0,
+        feature_layers=(1, 2),
+        decoder_dim=8,
+        drop_path_rate=0.0,
+    ),
+}
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+    """Relative position embeddings for every (query, key) offset along one axis: (q_size, k_size, C).
+
+    The table is resized linearly when it was trained for a different length, as in SAM / ViTDet.
+    """
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:
+        resized = F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear"
+        )
+        rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    # Scale the coordinates of the shorter side when query and key lengths differ.
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative_coords.long()]
+
+
+def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
+    """Additive attention bias (B, heads, N, N) of decomposed relative positions (MViTv2 / SAM).
+
+    Computed from the unscaled query, to be added to the scaled logits q.k * scale.
+    """
+    b, n_heads, _, dim = q.shape
+    h, w = size
+    r_h = get_rel_pos(h, h, rel_pos_h).to(q.dtype)
+    r_w = get_rel_pos(w, w, rel_pos_w).to(q.dtype)
+    r_q = q.reshape(b, n_heads, h, w, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)
+    bias = rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
+    return bias.reshape(b, n_heads, h * w, h * w)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection to a channels-last grid (B, H/p, W/p, C)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Attention(nn.Module):
+    """Global multi-head self-attention with decomposed relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, input_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
+        # The bias goes in as a float mask so that a fused kernel can be used where available.
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x.transpose(1, 2).reshape(b, h, w, c)
+        return self.proj(x)
+
+
+def _ensemble_query_half(x: Tensor, per_stream: bool) -> Tensor:
+    """Replace the query half (bottom rows) of every item by its mean over the batch.
+
+    With ``per_stream`` the batch is [image stream; label stream] and each stream is averaged on its own.
+    """
+    top, bottom = x.split(x.shape[1] // 2, dim=1)
+    if per_stream:
+        n = x.shape[0] // 2
+        flat = bottom.reshape(2, n, -1)
+        bottom = flat.mean(dim=1, keepdim=True).expand_as(flat).reshape(bottom.shape)
+    else:
+        bottom = bottom.mean(dim=0, keepdim=True).expand_as(bottom)
+    return torch.cat([top, bottom], dim=1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; optionally averages the query half of the attention output."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_path: float,
+        input_size: tuple[int, int],
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, input_size)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: Tensor, ensemble: int = 0) -> Tensor:
+        """ensemble: 0 none, 1 per stream (two-stream batch), 2 over the whole batch."""
+        a = self.attn(self.norm1(x))
+        if ensemble:
+            a = _ensemble_query_half(a, per_stream=ensemble == 1)
+        x = x + self.drop_path(a)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SegGPT(nn.Module):
+    """SegGPT encoder-decoder over (image canvas, label canvas) pairs."""
+
+    def __init__(self, config: SegGPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.grad_checkpointing = config.grad_checkpointing
+        dim, p = config.embed_dim, config.patch_size
+        self.patch_embed = PatchEmbed(p, 3, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.segment_token_x = nn.Parameter(torch.zeros(1, 1, 1, dim))  # image stream
+        self.segment_token_y = nn.Parameter(torch.zeros(1, 1, 1, dim))  # label stream
+        self.type_token_cls = nn.Parameter(torch.zeros(1, 1, 1, dim))  # semantic
+        self.type_token_ins = nn.Parameter(torch.zeros(1, 1, 1, dim))  # instance
+        # The first row is the unused class-token position of the pretrained table.
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.pretrain_grid**2, dim))
+        dpr = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.depth, device="cpu")]
+        self.blocks = nn.ModuleList(
+            Block(
+                dim, config.num_heads, config.mlp_ratio, config.qkv_bias, rate, config.grid_size, config.layer_norm_eps
+            )
+            for rate in dpr
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        d = config.decoder_dim
+        self.decoder_embed = nn.Linear(dim * len(config.feature_layers), p * p * d)
+        self.decoder_pred = nn.Sequential(
+            nn.Conv2d(d, d, kernel_size=3, padding=1),
+            LayerNorm2d(d, eps=config.layer_norm_eps),
+            nn.GELU(),
+            nn.Conv2d(d, 3, kernel_size=1),
+        )
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation for training from scratch; pretrained weights override all of it."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, Attention):
+                nn.init.zeros_(m.rel_pos_h)
+                nn.init.zeros_(m.rel_pos_w)
+        for name in ("mask_token", "segment_token_x", "segment_token_y", "type_token_cls", "type_token_ins"):
+            trunc_normal_(getattr(self, name), std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of embedding tables that optimisers conventionally exclude from weight decay."""
+        names = {"mask_token", "segment_token_x", "segment_token_y", "type_token_cls", "type_token_ins", "pos_embed"}
+        for i in range(len(self.blocks)):
+            names |= {f"blocks.{i}.attn.rel_pos_h", f"blocks.{i}.attn.rel_pos_w"}
+        return names
+
+    def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        pos = self.pos_embed[:, 1:]
+        g = math.isqrt(pos.shape[1])
+        pos = pos.reshape(1, g, g, -1)
+        if (g, g) != tuple(grid):
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False)
+            pos = pos.permute(0, 2, 3, 1)
+        return pos
+
+    def embed(self, images: Tensor, labels: Tensor, mask: Tensor, embedding_type: str = "semantic") -> Tensor:
+        """Token grids of both streams, stacked as [image stream; label stream] on the batch axis."""
+        if embedding_type not in EMBEDDING_TYPES:
+            raise ValueError(f"embedding_type must be one of {EMBEDDING_TYPES}, got {embedding_type!r}")
+        if images.shape != labels.shape:
+            raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} differ in shape")
+        p = self.config.patch_size
+        if images.ndim != 4 or images.shape[2] % (2 * p) or images.shape[3] % p:
+            raise ValueError(f"expected (B, 3, 2h, w) canvases with h, w multiples of {p}, got {tuple(images.shape)}")
+        x = self.patch_embed(images)
+        y = self.patch_embed(labels)
+        _, gh, gw, _ = x.shape
+        if mask.ndim != 2 or mask.shape[1] != gh * gw or mask.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"mask {tuple(mask.shape)} must be (B or 1, {gh * gw}) for a {gh}x{gw} patch grid")
+        m = mask.reshape(-1, gh, gw, 1).to(torch.bool)
+        y = torch.where(m, self.mask_token.to(y.dtype), y)
+        pos = self._pos_embed((gh, gw))
+        type_token = self.type_token_cls if embedding_type == "semantic" else self.type_token_ins
+        x = x + self.segment_token_x + pos + type_token
+        y = y + self.segment_token_y + pos + type_token
+        return torch.cat((x, y), dim=0)
+
+    def forward_encoder(self, x: Tensor, feature_ensemble: bool = False) -> list[Tensor]:
+        """Run the blocks on the two-stream batch; returns the normalised feature-layer outputs."""
+        cfg = self.config
+        features = []
+        for i, blk in enumerate(self.blocks):
+            # Feature ensemble averages the query half over prompts. Before block merge_index each stream
+            # is averaged on its own. In block merge_index itself the Hugging Face port (which we match)
+            # averages over both streams together, whereas the original Painter code still averages
+            # per stream there; with one prompt that block is therefore not a no-op.
+            ensemble = 0
+            if feature_ensemble:
+                if i < cfg.merge_index:
+                    ensemble = 1 if x.shape[0] >= 4 else 0
+                else:
+                    ensemble = 2 if x.shape[0] >= 2 else 0
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, ensemble, use_reentrant=False)
+            else:
+                x = blk(x, ensemble)
+            if i == cfg.merge_index:
+                n = x.shape[0] // 2
+                x = (x[:n] + x[n:]) * 0.5
+            if i in cfg.feature_layers:
+                features.append(self.norm(x))
+        return features
+
+    def forward_decoder(self, features: list[Tensor]) -> Tensor:
+        """Per-patch linear to p*p*decoder_dim, pixel shuffle, then a small conv head to RGB."""
+        x = self.decoder_embed(torch.cat(features, dim=-1))
+        b, gh, gw, _ = x.shape
+        p, d = self.config.patch_size, self.config.decoder_dim
+        x = x.reshape(b, gh, gw, p, p, d).permute(0, 5, 1, 3, 2, 4).reshape(b, d, gh * p, gw * p)
+        return self.decoder_pred(x)
+
+    def forward(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+        *,
+        feature_ensemble: bool = False,
+        embedding_type: str = "semantic",
+    ) -> Tensor:
+        """images, labels: (B, 3, 2h, w) canvases, ImageNet-normalised; prompt half on top, query half below.
+
+        mask: bool (B or 1, num_patches), True = that label-canvas patch is replaced by the learned mask token.
+        feature_ensemble: average the query half over the batch (B prompts for one query image).
+        Returns the predicted label canvas (B, 3, 2h, w) in normalised space.
+        """
+        x = self.embed(images, labels, mask, embedding_type)
+        return self.forward_decoder(self.forward_encoder(x, feature_ensemble))
+
+    def loss(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """Smooth L1 (beta=config.loss_beta) averaged over the pixels of masked patches only.
+
+        pred, target: (B, 3, 2h, w) label canvases; mask as in :meth:`forward`. A mask with batch 1 is
+        broadcast over the batch and counted once per item, so the result is a mean for any batch size
+        (the Hugging Face loss divides by the count of a single item in that case).
+        """
+        p = self.config.patch_size
+        b, c, h, w = target.shape
+        m = mask.reshape(-1, h // p, 1, w // p, 1).expand(-1, -1, p, -1, p).reshape(-1, 1, h, w)
+        m = m.expand(b, c, h, w).to(torch.float32)
+        err = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=self.config.loss_beta)
+        return (err * m).sum() / m.sum().clamp_min(1.0)
+
+
+def query_half_mask(config: SegGPTConfig, batch: int = 1, device: torch.device | str | None = None) -> Tensor:
+    """Inference mask: the whole query half of the label canvas is masked, the prompt half is kept."""
+    n = config.num_patches
+    mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    mask[:, n // 2 :] = True
+    return mask
+
+
+def random_mask(
+    config: SegGPTConfig,
+    batch: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Training mask: round(ratio * num_patches) patches per item, chosen uniformly over the whole canvas."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio must lie in [0, 1], got {ratio}")
+    n = config.num_patches
+    k = round(ratio * n)
+    noise = torch.rand(batch, n, generator=generator)
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    return (ranks < k).to(device)
+
+
+def build_model(preset_or_config: str | SegGPTConfig, **overrides: Any) -> SegGPT:
+    """Build a randomly initialised model from a preset name or a config, with field overrides."""
+    if isinstance(preset_or_config, str):
+        if preset_or_config not in PRESETS:
+            raise ValueError(f"unknown preset {preset_or_config!r}; choose from {sorted(PRESETS)}")
+        config = PRESETS[preset_or_config]
+    else:
+        config = preset_or_config
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    return SegGPT(config)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def fingerprint(model_or_state_dict: nn.Module | Mapping[str, Any], length: int = 16) -> str:
+    """Short stable digest of a model's weights, to check what a learned prompt was trained against.
+
+    sha256 over the sorted names, shapes and fp32 bytes of every tensor. Deterministic across runs and
+    devices; casting the weights to a lower precision changes it.
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        state = model_or_state_dict.state_dict()
+    else:
+        state = model_or_state_dict
+    digest = hashlib.sha256()
+    for name in sorted(k for k, v in state.items() if isinstance(v, Tensor)):
+        t = state[name].detach()
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(t.to("cpu", torch.float32).contiguous().numpy())
+    return digest.hexdigest()[:length]

@@ -1,0 +1,203 @@
+"""Unit tests for the SegGPT model: shapes, loss masking, feature ensemble, checkpointing, autocast."""
+
+import json
+
+import pytest
+import torch
+
+from fewseg.model import (
+    PRESETS,
+    SegGPTConfig,
+    build_model,
+    count_parameters,
+    fingerprint,
+    query_half_mask,
+    random_mask,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These models are tiny: one intra-op thread is faster and does not fight a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _canvases(config: SegGPTConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, w = config.canvas_size
+    return torch.randn(batch, 3, h, w, generator=g), torch.randn(batch, 3, h, w, generator=g)
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    return build_model("micro").eval()
+
+
+@pytest.mark.parametrize("preset", ["micro", "tiny"])
+def test_forward_shapes(preset):
+    torch.manual_seed(0)
+    model = build_model(preset).eval()
+    cfg = model.config
+    images, labels = _canvases(cfg, 2)
+    with torch.no_grad():
+        pred = model(images, labels, query_half_mask(cfg))
+        pred_b = model(images, labels, random_mask(cfg, 2, 0.5), embedding_type="instance")
+    assert pred.shape == (2, 3, *cfg.canvas_size)
+    assert pred_b.shape == pred.shape
+    assert torch.isfinite(pred).all()
+
+
+def test_config_geometry():
+    cfg = PRESETS["vit_large"]
+    assert cfg.canvas_size == (896, 448)
+    assert cfg.grid_size == (56, 28)
+    assert cfg.num_patches == 56 * 28
+    with pytest.raises(ValueError):
+        SegGPTConfig(merge_index=6)  # after the first feature layer
+    with pytest.raises(ValueError):
+        SegGPTConfig(tile_size=(100, 448))
+
+
+def test_vit_large_parameter_count():
+    # Built on the meta device: shapes only, nothing allocated.
+    with torch.device("meta"):
+        model = build_model("vit_large")
+    assert 3.6e8 <= count_parameters(model) <= 3.8e8
+
+
+def test_parameter_names_follow_painter(micro):
+    names = set(micro.state_dict())
+    for key in [
+        "patch_embed.proj.weight",
+        "mask_token",
+        "segment_token_x",
+        "segment_token_y",
+        "type_token_cls",
+        "type_token_ins",
+        "pos_embed",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.rel_pos_h",
+        "blocks.0.norm1.weight",
+        "blocks.0.mlp.fc1.weight",
+        "norm.weight",
+        "decoder_embed.weight",
+        "decoder_pred.0.weight",
+        "decoder_pred.1.weight",
+        "decoder_pred.3.weight",
+    ]:
+        assert key in names
+    assert micro.pos_embed.shape == (1, 1 + 4 * 4, 32)
+    assert micro.blocks[0].attn.rel_pos_h.abs().sum() == 0  # zero init
+
+
+def test_masks():
+    cfg = PRESETS["micro"]
+    m = query_half_mask(cfg, batch=3)
+    assert m.shape == (3, cfg.num_patches) and m.dtype == torch.bool
+    assert not m[:, : cfg.num_patches // 2].any() and m[:, cfg.num_patches // 2 :].all()
+    r = random_mask(cfg, 4, 0.7, generator=torch.Generator().manual_seed(1))
+    assert r.shape == (4, cfg.num_patches)
+    assert (r.sum(1) == round(0.7 * cfg.num_patches)).all()
+
+
+def test_loss_only_on_masked_patches(micro):
+    cfg = micro.config
+    p = cfg.patch_size
+    images, labels = _canvases(cfg, 2)
+    mask = random_mask(cfg, 2, 0.5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pred = micro(images, labels, mask)
+    loss = micro.loss(pred, labels, mask)
+    pixel_mask = mask.reshape(2, *cfg.grid_size).repeat_interleave(p, 1).repeat_interleave(p, 2)
+    changed = torch.where(pixel_mask[:, None], labels, labels + 5.0)
+    assert torch.equal(micro.loss(pred, changed, mask), loss)
+    changed_masked = torch.where(pixel_mask[:, None], labels + 5.0, labels)
+    assert micro.loss(pred, changed_masked, mask) > loss
+    # A batch-1 mask is broadcast: same value as the explicit per-item mask.
+    qmask = query_half_mask(cfg)
+    assert torch.allclose(micro.loss(pred, labels, qmask), micro.loss(pred, labels, qmask.expand(2, -1)))
+
+
+def test_feature_ensemble_makes_query_halves_identical(micro):
+    cfg = micro.config
+    h = cfg.tile_size[0]
+    n = 4
+    images, labels = _canvases(cfg, n)
+    images[:, :, h:] = images[:1, :, h:]  # one query image, n different prompts
+    with torch.no_grad():
+        pred = micro(images, labels, query_half_mask(cfg), feature_ensemble=True)
+        plain = micro(images, labels, query_half_mask(cfg))
+    # The first query row still sees the prompt's last row through the 3x3 decoder conv.
+    query = pred[:, :, h + 1 :]
+    assert torch.allclose(query, query[:1].expand_as(query), atol=1e-5)
+    assert not torch.allclose(plain[:, :, h + 1 :], plain[:1, :, h + 1 :].expand_as(query), atol=1e-3)
+
+
+def test_grad_checkpointing_same_gradients():
+    cfg = PRESETS["micro"]
+    images, labels = _canvases(cfg, 2)
+    mask = random_mask(cfg, 2, 0.6, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, drop_path_rate=0.2).train()
+        model.set_grad_checkpointing(ckpt)
+        torch.manual_seed(1)  # same drop-path draws in both runs
+        model.loss(model(images, labels, mask), labels, mask).backward()
+        # type_token_ins is unused with the default semantic embedding, so it gets no gradient.
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert len(grads[0]) == count_parameters_tensors(model) - 1
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5), k
+    # The relative-position tables receive gradient through the attention bias.
+    assert grads[0]["blocks.0.attn.rel_pos_h"].abs().sum() > 0
+
+
+def count_parameters_tensors(model: torch.nn.Module) -> int:
+    return sum(1 for _ in model.parameters())
+
+
+def test_bf16_autocast_cpu(micro):
+    cfg = micro.config
+    images, labels = _canvases(cfg, 2)
+    mask = query_half_mask(cfg)
+    with torch.no_grad():
+        ref = micro(images, labels, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = micro(images, labels, mask, feature_ensemble=True)
+            plain = micro(images, labels, mask)
+    assert pred.shape == ref.shape and torch.isfinite(pred).all()
+    assert (plain.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_fingerprint_stable_and_sensitive():
+    torch.manual_seed(0)
+    a = build_model("micro")
+    torch.manual_seed(0)
+    b = build_model("micro")
+    fa = fingerprint(a)
+    assert fa == fingerprint(b) == fingerprint(a.state_dict())
+    assert len(fa) == 16 and int(fa, 16) >= 0
+    with torch.no_grad():
+        b.blocks[1].mlp.fc2.weight[0, 0] += 1e-3
+    assert fingerprint(b) != fa
+
+
+def test_config_round_trip():
+    for cfg in PRESETS.values():
+        d = json.loads(json.dumps(cfg.to_dict()))
+        assert SegGPTConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError):
+        SegGPTConfig.from_dict({"embed_dim": 32, "not_a_field": 1})
+
+
+def test_build_model_overrides():
+    model = build_model("micro", depth=4, feature_layers=(1, 3))
+    assert len(model.blocks) == 4 and model.config.feature_layers == (1, 3)
+    with pytest.raises(ValueError):
+        build_model("no_such_preset")
