@@ -163,7 +163,7 @@ def _check_novel_maps(config: dict) -> None:
 
 
 def _check_model(config: dict) -> None:
-    from fewseg.model import PRESETS, SegGPTConfig
+    from fewseg.model_config import PRESETS, SegGPTConfig
 
     overrides = config["model"].get("overrides") or {}
     fields = set(SegGPTConfig.__dataclass_fields__)
@@ -327,6 +327,19 @@ def evaluation_settings(config: dict) -> dict:
         "novel": classes["novel"],
         "ignore_index": config["dataset"]["ignore_index"],
     }
+
+
+# The fewseg modules each kind of job runs: their source digest is a rule param, so editing one reruns those jobs.
+STAGE_MODULES: dict[str, list[str]] = {
+    "demo": ["demo", "io", "stages"],
+    "convert": ["convert", "io", "palette", "stages"],
+    "mapping": ["mapping", "io", "stages"],
+    "train": ["train", "data", "model", "model_config", "prompt", "palette", "schedule", "checkpoints", "metrics",
+              "weights", "io", "stages"],
+    "infer": ["infer", "data", "model", "model_config", "palette", "checkpoints", "io", "stages"],
+    "overlay": ["overlay", "io", "stages"],
+    "submission": ["submission", "metrics", "io", "stages"],
+}  # fmt: skip
 
 
 def source_digest(modules: Iterable[str]) -> str:

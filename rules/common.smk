@@ -22,30 +22,7 @@ ORDER = CFG["overlay"]["order"]
 NOVEL = ORDER  # classes with a prompt: those the overlay uses
 
 # Library modules behind each stage: their source digest is a param, so a library change reruns what it touches.
-CODE = {
-    "demo": fc.source_digest(["demo", "io", "stages"]),
-    "convert": fc.source_digest(["convert", "io", "palette", "stages"]),
-    "mapping": fc.source_digest(["mapping", "io", "stages"]),
-    "train": fc.source_digest(
-        [
-            "train",
-            "data",
-            "model",
-            "prompt",
-            "palette",
-            "schedule",
-            "checkpoints",
-            "metrics",
-            "weights",
-            "io",
-        ]
-    ),
-    "infer": fc.source_digest(
-        ["infer", "data", "model", "palette", "checkpoints", "io", "stages"]
-    ),
-    "overlay": fc.source_digest(["overlay", "io", "stages"]),
-    "submission": fc.source_digest(["submission", "metrics", "io", "stages"]),
-}
+CODE = {stage: fc.source_digest(modules) for stage, modules in fc.STAGE_MODULES.items()}
 
 
 wildcard_constraints:
