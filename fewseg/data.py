@@ -157,11 +157,15 @@ def base_sample(
     mask_ratio: float,
     blur_prob: float,
     blur_sigma: Sequence[float],
+    fixed_palette: np.ndarray | None = None,
+    random_palette_prob: float = 1.0,
 ) -> dict:
     """One training canvas from two train tiles (SPEC section 5).
 
     A fresh random palette paints both labels; the same flips and crop location apply to both tiles; blur touches
     images only. Same class set in both crops: mask the query half; otherwise a random share of all patches.
+    With ``random_palette_prob`` below 1, some samples use ``fixed_palette`` instead: a shortcut for tiny models
+    with little training time (the published system always draws a random palette).
     """
     if rng.random() < 0.5:
         first, second = second, first
@@ -173,7 +177,8 @@ def base_sample(
     crops = [a[y : y + th, x : x + tw] for a in (img_a, ids_a, img_b, ids_b)]
     crops = flip(crops, bool(rng.random() < 0.5), bool(rng.random() < 0.5))
     img_a, ids_a, img_b, ids_b = crops
-    palette = random_palette(num_colors, rng)
+    use_random = fixed_palette is None or rng.random() < random_palette_prob
+    palette = random_palette(num_colors, rng) if use_random else fixed_palette[:num_colors]
     if rng.random() < blur_prob:
         img_a = blur(img_a, float(rng.uniform(*blur_sigma)))
     if rng.random() < blur_prob:

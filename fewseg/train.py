@@ -277,7 +277,7 @@ def train_base(
                 pred = model(images, labels, mask)
                 loss = model.loss(pred.float(), labels, mask) / t["grad_accum"]
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         optimizer.step()
         row = {"step": step + 1, "loss": total, "lr": lr}
         done = step + 1
