@@ -7,8 +7,12 @@ memorise colours), and black/white for binary novel-class prompts.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported only by the functions that need it, so data stages start fast
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +51,8 @@ def rgb_to_ids(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 def decode_canvas(pred: torch.Tensor, palette: np.ndarray) -> np.ndarray:
     """Decode predicted label pictures (B, 3, H, W) in normalised space to (B, H, W) uint8 ids."""
+    import torch
+
     rgb = unnormalize(pred.float()).clamp(0, 1) * 255.0
     pal = torch.as_tensor(np.asarray(palette), dtype=torch.float32, device=rgb.device)
     dist = ((rgb.unsqueeze(1) - pal[None, :, :, None, None]) ** 2).sum(2)  # (B, K, H, W)
@@ -65,12 +71,16 @@ def random_palette(num_classes: int, generator: np.random.Generator, min_distanc
 
 def normalize(rgb: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) values in [0, 1] -> ImageNet-normalised, SegGPT's input and output space."""
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     return (rgb - mean) / std
 
 
 def unnormalize(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return x * std + mean
@@ -78,6 +88,8 @@ def unnormalize(x: torch.Tensor) -> torch.Tensor:
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 or (B, H, W, 3) -> normalised float tensor (B, 3, H, W)."""
+    import torch
+
     arr = np.asarray(rgb)
     if arr.ndim == 3:
         arr = arr[None]

@@ -55,9 +55,10 @@ def run_stage(smk: Any, stage: Callable[..., Any]) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=handle, force=True
     )
-    import torch
-
-    torch.set_num_threads(max(1, int(smk.threads)))
+    threads = max(1, int(smk.threads))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch when a stage imports it
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     t0 = time.time()
     try:
         stage(smk.input, smk.output, smk.params, progress=_LogStream(handle))

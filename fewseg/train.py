@@ -37,8 +37,8 @@ from fewseg.data import (
 )
 from fewseg.io import atomic_path, read_image, read_label
 from fewseg.metrics import ConfusionMatrix
-from fewseg.model import SegGPT, build_model, fingerprint
-from fewseg.palette import BINARY_PALETTE, as_palette, decode_canvas, random_palette, to_tensor
+from fewseg.model import SegGPT, build_model
+from fewseg.palette import BINARY_PALETTE, as_palette, decode_canvas, to_tensor
 from fewseg.prompt import LearnablePrompt, crop_windows
 from fewseg.schedule import lr_at, set_lr
 
@@ -144,7 +144,11 @@ def _batch_tensors(samples: Sequence[dict], device: torch.device) -> tuple[torch
 
 @torch.no_grad()
 def validate_base(model: SegGPT, store: TileStore, pairs: Sequence[tuple[int, int, int]], settings: dict, device):
-    """mIoU of the base classes over the query half of held-out pairs, decoded with each pair's palette."""
+    """mIoU of the base classes over the query half of held-out pairs.
+
+    The pairs are painted with the configured palette, as inference paints its prompts, so the figure predicts the
+    base metric (the published system validated with random palettes, which base inference never uses).
+    """
     if not pairs:
         return None
     was_training = model.training
@@ -156,7 +160,8 @@ def validate_base(model: SegGPT, store: TileStore, pairs: Sequence[tuple[int, in
         rng = np.random.default_rng(seed)
         sample = base_sample(
             store, first, second, rng, tile=cfg.tile_size, grid=cfg.grid_size, num_colors=num_colors,
-            mask_ratio=1.0, blur_prob=0.0, blur_sigma=(0.1, 0.1),
+            mask_ratio=1.0, blur_prob=0.0, blur_sigma=(0.1, 0.1), fixed_palette=store.palette,
+            random_palette_prob=0.0,
         )  # fmt: skip
         sample["mask"] = query_half_patches(cfg.grid_size)
         images, labels, mask = _batch_tensors([sample], device)
@@ -444,7 +449,6 @@ def train_prompt(
         "class %d (%s) phase %d: %d crops from %d tiles, %d held out; %d steps, lr %g",
         settings["cls"], settings["name"], phase, len(crops), len(fit), len(held), ph["steps"], ph["lr"],
     )  # fmt: skip
-    h = cfg.tile_size[0]
     bar = _progress(ph["steps"], start, f"class {settings['cls']} phase {phase}", progress_stream)
     for step in range(start, ph["steps"]):
         lr = lr_at(step, **schedule)
@@ -464,7 +468,7 @@ def train_prompt(
         loss.backward()
         optimizer.step()
         done = step + 1
-        row = {"step": done, "loss": float(loss), "lr": lr}
+        row = {"step": done, "loss": float(loss.detach()), "lr": lr}
         if held and (done % t["val_every"] == 0 or done == ph["steps"]):
             iou = _tiles_iou(model, prompt, held, t, device, precision)
             row["val_miou"] = iou
@@ -481,7 +485,6 @@ def train_prompt(
                  "best_state": best_state, "history": history, "settings_digest": digest},
             )  # fmt: skip
     bar.close()
-    _ = h
     if best_state is not None:
         prompt.load_state_dict(best_state)
     save_prompt(
@@ -492,10 +495,3 @@ def train_prompt(
     write_history(out_history, history)
     resume_path.unlink(missing_ok=True)
     return {"best_held_out_iou": best if held else None, "crops": len(crops)}
-
-
-def random_palette_for(num_classes: int, seed: int) -> np.ndarray:
-    return random_palette(num_classes, np.random.default_rng(seed))
-
-
-__all__ = ["train_base", "train_prompt", "split_tiles", "pick_device", "fingerprint"]

@@ -2,24 +2,20 @@
 import sys
 from pathlib import Path
 
-from snakemake.utils import validate
-
+# fewseg from this checkout when it is not installed
 if str(Path(workflow.basedir)) not in sys.path:
-    sys.path.insert(
-        0, str(Path(workflow.basedir))
-    )  # fewseg from this checkout when it is not installed
+    sys.path.insert(0, str(Path(workflow.basedir)))
 
 import fewseg.config as fc
 
+# YAML silently keeps the last of two equal keys: re-read the config files strictly to refuse that.
 for _configfile in workflow.configfiles:
-    fc.load_yaml(
-        _configfile
-    )  # refuses duplicate keys, which YAML would otherwise drop silently
-validate(config, schema="../fewseg/schemas/config.schema.yaml", set_default=False)
+    fc.load_yaml(_configfile)
+
+# Schema (fewseg/schemas/config.schema.yaml) plus cross-field and path checks; every problem is listed by its key.
 CFG = fc.check_config(config)
 
 ORDER = CFG["overlay"]["order"]
-NOVEL = ORDER  # classes with a prompt: those the overlay uses
 
 # Library modules behind each stage: their source digest is a param, so a library change reruns what it touches.
 CODE = {stage: fc.source_digest(modules) for stage, modules in fc.STAGE_MODULES.items()}

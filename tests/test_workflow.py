@@ -26,13 +26,8 @@ STAGES = {
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("workflow")
-    config = load_test_config()
-    configfile = write_config(workdir / "test-config.yaml", config)
-    r = snakemake(workdir, "--cores", "2", configfile=configfile)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return workdir, config, configfile
+def run(local_run):
+    return local_run.workdir, local_run.config, local_run.configfile
 
 
 def test_dry_run_lists_every_stage(tmp_path):
