@@ -275,7 +275,9 @@ def train_base(
                         mask_ratio=t["mask_ratio"],
                         blur_prob=t["blur_prob"],
                         blur_sigma=t["blur_sigma"],
-                    )  # fmt: skip
+                        fixed_palette=palette,
+                        random_palette_prob=t["random_palette_prob"],
+                    )
                 )
             images, labels, mask = _batch_tensors(samples, device)
             with autocast(device, settings["runtime"]["precision"]):
