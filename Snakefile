@@ -24,6 +24,7 @@ localrules:
     overlay_step,
     make_submission,
     evaluate,
+    job_statistics,
 
 
 rule all:

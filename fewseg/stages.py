@@ -374,5 +374,42 @@ def evaluate(input, output, params, progress=None) -> None:
         cm.update(pred, truth)
     summary = summarize(cm, s["base"], s["novel"], s["names"])
     summary["queries"] = len(queries)
-    write_json(output[0], summary)
+    write_json(output.json, summary)
+    rows = [
+        {"class": cid, "name": row["name"], "iou": "" if row["iou"] is None else f"{row['iou']:.4f}",
+         "truth_pixels": row["truth_pixels"], "predicted_pixels": row["predicted_pixels"]}
+        for cid, row in summary["per_class"].items()
+    ]  # fmt: skip
+    for key in ("base_miou", "novel_miou", "score"):
+        rows.append(
+            {"class": key, "name": "", "iou": f"{summary[key]:.4f}", "truth_pixels": "", "predicted_pixels": ""}
+        )
+    _write_tsv(output.table, rows)
     log.info("challenge metric over %d query tiles:\n%s", len(queries), format_table(summary))
+
+
+def _write_tsv(path, rows: list[dict]) -> None:
+    import csv
+
+    from fewseg.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def job_statistics(input, output, params, progress=None) -> None:
+    """One table of every heavy job's wall time, CPU time and peak memory, from Snakemake's benchmark files."""
+    import csv
+
+    rows = []
+    for path in sorted(map(str, input)):
+        with open(path) as fh:
+            record = next(csv.DictReader(fh, delimiter="\t"))
+        rows.append(
+            {"job": Path(path).stem, "wall_s": record.get("s", ""), "cpu_s": record.get("cpu_time", ""),
+             "max_rss_mb": record.get("max_rss", ""), "mean_load": record.get("mean_load", "")}
+        )  # fmt: skip
+    _write_tsv(output[0], rows)
+    log.info("statistics of %d jobs", len(rows))

@@ -297,7 +297,7 @@ def train_base(
                 save_torch(best_path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
             log.info("step %d: loss %.4f lr %.2e val mIoU %s", done, total, lr, miou)
         history.append(row)
-        bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
         if done % t["checkpoint_every"] == 0 and done < t["steps"]:
             save_torch(
@@ -478,7 +478,7 @@ def train_prompt(
                 best, best_state = iou, {k: v.detach().cpu().clone() for k, v in prompt.state_dict().items()}
             log.info("class %d phase %d step %d: loss %.4f held-out IoU %.4f", settings["cls"], phase, done, loss, iou)
         history.append(row)
-        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
         if done % t["checkpoint_every"] == 0 and done < ph["steps"]:
             save_torch(

@@ -67,8 +67,23 @@ def final_predictions():
     return f"results/predictions/overlay_{len(ORDER)}"
 
 
+def benchmark_files():
+    """Benchmarks of the heavy jobs, collected into one runtime and memory table for the report."""
+    files = [
+        f"results/benchmarks/embed_tiles_{s}.tsv" for s in ("train", "query", "support")
+    ]
+    files += ["results/benchmarks/train_base.tsv", "results/benchmarks/infer_base.tsv"]
+    for cls in ORDER:
+        files += [
+            f"results/benchmarks/train_prompt_phase1_{cls}.tsv",
+            f"results/benchmarks/train_prompt_phase2_{cls}.tsv",
+            f"results/benchmarks/infer_novel_{cls}.tsv",
+        ]
+    return files
+
+
 def final_targets():
-    targets = ["results/submission.zip"]
+    targets = ["results/submission.zip", "results/job_statistics.tsv"]
     if fc.query_labels_dir(CFG):
         targets.append("results/metrics.json")
     return targets

@@ -32,7 +32,13 @@ rule infer_novel:
         prompt="results/prompts/{cls}/prompt.pt",
         queries="results/converted/split",
     output:
-        directory("results/predictions/novel_{cls}"),
+        report(
+            directory("results/predictions/novel_{cls}"),
+            patterns=["previews/{stem}.png"],
+            caption="../report/previews.rst",
+            category="Predictions",
+            subcategory="novel class {cls}",
+        ),
     log:
         "results/logs/infer_novel_{cls}.log",
     benchmark:
@@ -57,7 +63,13 @@ rule overlay_step:
         mapping="results/mapping/prompts.json",
         queries="results/converted/split",
     output:
-        directory("results/predictions/overlay_{step}"),
+        report(
+            directory("results/predictions/overlay_{step}"),
+            patterns=["previews/{stem}.png"],
+            caption="../report/previews.rst",
+            category="Predictions",
+            subcategory="overlay step {step}",
+        ),
     log:
         "results/logs/overlay_step_{step}.log",
     conda:

@@ -45,3 +45,26 @@ rule evaluate:
         code=CODE["submission"],
     script:
         "../workflow_scripts/evaluate.py"
+
+
+rule job_statistics:
+    input:
+        benchmark_files(),
+    output:
+        report(
+            "results/job_statistics.tsv",
+            caption="../report/job_statistics.rst",
+            category="Jobs",
+        ),
+    log:
+        "results/logs/job_statistics.log",
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        code=CODE["submission"],
+    script:
+        "../workflow_scripts/job_statistics.py"

@@ -58,6 +58,7 @@ WORKFLOW_LOCAL_RULES = {
     "convert_train_masks",
     "split_support",
     "overlay_step",
+    "job_statistics",
     "make_submission",
     "evaluate",
 }

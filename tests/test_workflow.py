@@ -21,7 +21,7 @@ pytestmark = pytest.mark.workflow
 STAGES = {
     "make_demo_dataset", "convert_train_masks", "split_support", "embed_tiles", "rank_prompts", "train_base",
     "train_prompt_phase1", "train_prompt_phase2", "infer_base", "infer_novel", "overlay_step", "make_submission",
-    "evaluate",
+    "evaluate", "job_statistics",
 }  # fmt: skip
 
 
@@ -90,7 +90,7 @@ def test_prompt_setting_reruns_exactly_that_class_downstream(run):
     jobs = planned_jobs(workdir, configfile)
     assert jobs == {
         "train_prompt_phase1": 1, "train_prompt_phase2": 1, "infer_novel": 1, "overlay_step": 2,
-        "make_submission": 1, "evaluate": 1, "all": 1,
+        "make_submission": 1, "evaluate": 1, "job_statistics": 1, "all": 1,
     }  # fmt: skip
     before = output_mtimes(workdir)
     r = snakemake(workdir, "--cores", "2", configfile=configfile)
@@ -99,7 +99,8 @@ def test_prompt_setting_reruns_exactly_that_class_downstream(run):
     touched = {p for p in after if before.get(p) != after[p]}
     expected_prefixes = (
         "results/prompts/10/", "results/predictions/novel_10/", "results/predictions/overlay_3/",
-        "results/predictions/overlay_4/", "results/submission.zip", "results/metrics.json",
+        "results/predictions/overlay_4/", "results/submission.zip", "results/metrics.json", "results/metrics.tsv",
+        "results/job_statistics.tsv",
     )  # fmt: skip
     assert touched and all(p.startswith(expected_prefixes) for p in touched), sorted(touched)
     assert any(p.startswith("results/prompts/10/") for p in touched)
@@ -113,7 +114,7 @@ def test_overlay_order_reruns_only_overlay_zip_and_evaluation(run):
     workdir, config, _ = run
     changed = modified(config, {"overlay.order": [9, 11, 8, 10]})
     jobs = planned_jobs(workdir, write_config(workdir / "test-config-c.yaml", changed))
-    assert set(jobs) == {"overlay_step", "make_submission", "evaluate", "all"}
+    assert set(jobs) == {"overlay_step", "make_submission", "evaluate", "all"}  # job statistics stay as they are
     assert jobs["overlay_step"] == 2  # steps 3 and 4 changed class; steps 1 and 2 did not
 
 
@@ -125,3 +126,15 @@ def test_base_training_setting_reruns_training_and_downstream_only(run):
     assert {"train_base", "train_prompt_phase1", "train_prompt_phase2", "infer_base", "infer_novel"} <= set(jobs)
     assert jobs["overlay_step"] == 4
     assert not {"make_demo_dataset", "convert_train_masks", "split_support", "embed_tiles", "rank_prompts"} & set(jobs)
+
+
+def test_report_holds_metrics_curves_previews_and_job_statistics(run):
+    workdir, _, configfile = run
+    r = snakemake(workdir, "--report", "report.html", configfile=configfile)
+    assert r.returncode == 0, r.stderr[-3000:]
+    html = (workdir / "report.html").read_text(errors="replace")
+    for item in ("metrics.tsv", "base_history.png", "job_statistics.tsv", "previews"):
+        assert item in html, item
+    stats = (workdir / "results/job_statistics.tsv").read_text().splitlines()
+    assert stats[0].split("\t") == ["job", "wall_s", "cpu_s", "max_rss_mb", "mean_load"]
+    assert any(line.startswith("train_base\t") for line in stats)

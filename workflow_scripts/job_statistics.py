@@ -1,0 +1,5 @@
+import _bootstrap  # noqa: F401
+
+from fewseg.stages import job_statistics, run_stage
+
+run_stage(snakemake, job_statistics)
