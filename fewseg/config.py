@@ -315,6 +315,7 @@ def overlay_step_settings(config: dict, step: int) -> dict:
         "cls": cls,
         "background_check": config["overlay"]["background_check"][cls],
         "skip_nodata": config["overlay"]["skip_nodata"],
+        "min_prompt_iou": config["overlay"]["min_prompt_iou"],
         "filter": flt["thresholds"][cls] if flt["enabled"] else None,
     }
 

@@ -306,6 +306,8 @@ def infer_novel(input, output, params, progress=None) -> None:
     show = preview_palette([(0, 0, 0)], [s["cls"]])
     queries = _queries(input.queries)
     with atomic_dir(output[0]) as tmp:
+        held_out = prompt.get("meta", {}).get("best_held_out_iou")
+        write_json(tmp / "prompt.json", {"cls": s["cls"], "best_held_out_iou": held_out})
         for n, q in enumerate(queries, 1):
             image = read_image(q["image"])
             mask = predict_novel(
@@ -325,6 +327,14 @@ def overlay_step(input, output, params, progress=None) -> None:
     mapping = read_json(input.mapping)
     queries = _queries(input.queries)
     show = preview_palette(_param(params, "palette"), _param(params, "novel"))
+    held_out = read_json(Path(input.novel) / "prompt.json").get("best_held_out_iou")
+    gate = held_out is not None and held_out < s["min_prompt_iou"]
+    if gate:
+        log.warning(
+            "class %d is not pasted: its prompt reached IoU %.4f on held-out support tiles, "
+            "below overlay/min_prompt_iou %.2f",
+            cls, held_out, s["min_prompt_iou"],
+        )  # fmt: skip
     with atomic_dir(output[0]) as tmp:
         for q in queries:
             stem = q["stem"]
@@ -332,7 +342,7 @@ def overlay_step(input, output, params, progress=None) -> None:
             novel = read_label(Path(input.novel) / f"{stem}.png") == cls
             image = read_image(q["image"])
             sim = mapping["novel_similarity"].get(stem, {}).get(str(cls))
-            decision = filter_decision(sim, s["filter"])
+            decision = "skip" if gate else filter_decision(sim, s["filter"])
             out = paste_class(
                 current, novel, cls, image=image, background_check=s["background_check"],
                 skip_nodata=s["skip_nodata"], decision=decision,

@@ -28,8 +28,9 @@ rule evaluate:
         queries="results/converted/split",
         truth=query_labels_input(),
     output:
-        report(
-            "results/metrics.json", caption="../report/metrics.rst", category="Metrics"
+        json="results/metrics.json",
+        table=report(
+            "results/metrics.tsv", caption="../report/metrics.rst", category="Metrics"
         ),
     log:
         "results/logs/evaluate.log",
