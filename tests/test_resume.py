@@ -17,7 +17,7 @@ pytestmark = pytest.mark.workflow
 def _start(workdir, configfile) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), "--configfile", str(configfile),
-        "--cores", "2",
+        "--cores", "2", "--rerun-incomplete",
     ]  # fmt: skip
     return subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy()
@@ -49,11 +49,13 @@ def test_killed_runs_resume_to_the_same_result(local_run, tmp_path):
     seen = _kill_when(proc, ["results/checkpoints/base/resume.pt"])
     assert seen.endswith("resume.pt")
     assert not (tmp_path / "results/models/base.pt").exists()
-    # 2: rerun; kill again while a prompt is training
+    # 2: a killed snakemake leaves its lock behind: unlock as a user would, rerun, kill again while a prompt trains
+    assert snakemake(tmp_path, "--unlock", configfile=configfile).returncode == 0
     proc = _start(tmp_path, configfile)
     proc.workdir = tmp_path
     _kill_when(proc, ["results/checkpoints/prompt_*/phase1_resume.pt", "results/checkpoints/prompt_*/phase2_resume.pt"])
     # 3: rerun to completion
+    assert snakemake(tmp_path, "--unlock", configfile=configfile).returncode == 0
     r = snakemake(tmp_path, "--cores", "2", "--rerun-incomplete", configfile=configfile)
     assert r.returncode == 0, r.stderr[-3000:]
     log = (tmp_path / "results/logs/train_base.log").read_text()

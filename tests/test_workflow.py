@@ -25,6 +25,10 @@ STAGES = {
 }  # fmt: skip
 
 
+# (b) changes this and reruns; (c) and (d) then start from the state (b) left.
+B_CHANGE = {"prompt_training.classes.10.stride": 12}
+
+
 @pytest.fixture(scope="module")
 def run(local_run):
     return local_run.workdir, local_run.config, local_run.configfile
@@ -85,7 +89,7 @@ def test_prompt_setting_reruns_exactly_that_class_downstream(run):
     """(b): class 10 is third in the overlay order 9, 11, 10, 8."""
     workdir, config, _ = run
     assert config["overlay"]["order"] == [9, 11, 10, 8]
-    changed = modified(config, {"prompt_training.classes.10.stride": 12})
+    changed = modified(config, B_CHANGE)
     configfile = write_config(workdir / "test-config-b.yaml", changed)
     jobs = planned_jobs(workdir, configfile)
     assert jobs == {
@@ -112,7 +116,7 @@ def test_prompt_setting_reruns_exactly_that_class_downstream(run):
 def test_overlay_order_reruns_only_overlay_zip_and_evaluation(run):
     """(c)"""
     workdir, config, _ = run
-    changed = modified(config, {"overlay.order": [9, 11, 8, 10]})
+    changed = modified(config, {**B_CHANGE, "overlay.order": [9, 11, 8, 10]})
     jobs = planned_jobs(workdir, write_config(workdir / "test-config-c.yaml", changed))
     assert set(jobs) == {"overlay_step", "make_submission", "evaluate", "all"}  # job statistics stay as they are
     assert jobs["overlay_step"] == 2  # steps 3 and 4 changed class; steps 1 and 2 did not
@@ -121,7 +125,7 @@ def test_overlay_order_reruns_only_overlay_zip_and_evaluation(run):
 def test_base_training_setting_reruns_training_and_downstream_only(run):
     """(d)"""
     workdir, config, _ = run
-    changed = modified(config, {"base_training.lr": 2.0e-3})
+    changed = modified(config, {**B_CHANGE, "base_training.lr": 2.0e-3})
     jobs = planned_jobs(workdir, write_config(workdir / "test-config-d.yaml", changed))
     assert {"train_base", "train_prompt_phase1", "train_prompt_phase2", "infer_base", "infer_novel"} <= set(jobs)
     assert jobs["overlay_step"] == 4
