@@ -37,19 +37,8 @@ die() {
 }
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 
-# Same liveness rule as start-cluster.sh: zombies count as dead.
-pid_alive() {
-    local pidfile=$1 name=$2 pid stat state comm
-    [[ -r $pidfile ]] || return 1
-    pid=$({ tr -dc '0-9' <"$pidfile"; } 2>/dev/null)
-    [[ -n $pid ]] || return 1
-    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-    state=${stat##*) }
-    state=${state%% *}
-    [[ $state == Z || $state == X ]] && return 1
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ $comm == "$name" ]]
-}
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # pid_alive: zombies count as dead
 
 # wait_dead PIDFILE NAME SECONDS
 wait_dead() {
