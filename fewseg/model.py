@@ -58,17 +58,26 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
 def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
     """Additive attention bias (B, heads, N, N) of decomposed relative positions (MViTv2 / SAM).
 
-    Computed from the unscaled query, to be added to the scaled logits q.k * scale.
+    Computed from the unscaled query, to be added to the scaled logits q.k * scale. Materialises the whole
+    bias: the model itself adds it in row blocks (:func:`rel_pos_terms`); this form is the reference for tests.
     """
-    b, n_heads, _, dim = q.shape
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]
+    return bias.reshape(*q.shape[:-2], q.shape[-2], -1)
+
+
+def rel_pos_terms(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The two factors of the decomposed bias: (..., N, H) and (..., N, W) for queries q (..., N, C).
+
+    The bias of query n and key (i, j) is ``rel_h[n, i] + rel_w[n, j]``.
+    """
     h, w = size
     r_h = get_rel_pos(h, h, rel_pos_h).to(q.dtype)
     r_w = get_rel_pos(w, w, rel_pos_w).to(q.dtype)
-    r_q = q.reshape(b, n_heads, h, w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)
-    bias = rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
-    return bias.reshape(b, n_heads, h * w, h * w)
+    r_q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])
+    rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, r_h)
+    rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, r_w)
+    return rel_h.reshape(*q.shape[:-1], h), rel_w.reshape(*q.shape[:-1], w)
 
 
 class PatchEmbed(nn.Module):
@@ -83,7 +92,16 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Global multi-head self-attention with decomposed relative position bias."""
+    """Global multi-head self-attention with decomposed relative position bias.
+
+    The bias depends on the query, so a fused kernel still needs it as a (heads, N, N) float mask: as large as
+    the attention map it avoids. Each item is therefore attended in blocks of query rows whose bias stays within
+    ``bias_block_bytes`` (16 MB): the full bias never exists, memory stays flat in batch size and the
+    allocator reuses the same blocks instead of mapping fresh pages every layer. The result is exact: softmax
+    rows are independent.
+    """
+
+    bias_block_bytes = 16 * 2**20
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, input_size: tuple[int, int]) -> None:
         super().__init__()
@@ -96,28 +114,38 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        # The bias goes in as a float mask so that a fused kernel can be used where available.
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        x = x.transpose(1, 2).reshape(b, h, w, c)
-        return self.proj(x)
+        out = torch.stack([self._attend(item, (h, w)) for item in x.reshape(b, h * w, c).unbind(0)])
+        return self.proj(out.reshape(b, h, w, c))
+
+    def _attend(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """One item's tokens (N, C) on a grid (H, W) -> attention output before the projection, (N, C)."""
+        n, c = x.shape
+        q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).permute(1, 2, 0, 3).unbind(0)  # (heads, N, d)
+        rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, grid)
+        rows = max(1, self.bias_block_bytes // (self.num_heads * n * x.element_size()))
+        blocks = []
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            bias = (rel_h[:, r0:r1, :, None] + rel_w[:, r0:r1, None, :]).reshape(self.num_heads, r1 - r0, n)
+            o = F.scaled_dot_product_attention(q[None, :, r0:r1], k[None], v[None], attn_mask=bias[None])
+            blocks.append(o[0].transpose(0, 1))  # (rows, heads, d): the kernel's own memory layout
+        return torch.cat(blocks).reshape(n, c)
 
 
-def _ensemble_query_half(x: Tensor, per_stream: bool) -> Tensor:
-    """Replace the query half (bottom rows) of every item by its mean over the batch.
+EnsembleSpec = tuple[int, int, bool]  # (streams, prompts per query, average over the streams too)
 
-    With ``per_stream`` the batch is [image stream; label stream] and each stream is averaged on its own.
+
+def _ensemble_query_half(x: Tensor, spec: EnsembleSpec) -> Tensor:
+    """Replace the query half (bottom rows) of every item by its mean over the prompts of its query.
+
+    The batch is ``streams`` stacked streams of G groups of k consecutive items, one group per query image
+    (so several queries can share one forward); with ``joint`` the mean also runs over the streams.
     """
+    streams, k, joint = spec
     top, bottom = x.split(x.shape[1] // 2, dim=1)
-    if per_stream:
-        n = x.shape[0] // 2
-        flat = bottom.reshape(2, n, -1)
-        bottom = flat.mean(dim=1, keepdim=True).expand_as(flat).reshape(bottom.shape)
-    else:
-        bottom = bottom.mean(dim=0, keepdim=True).expand_as(bottom)
-    return torch.cat([top, bottom], dim=1)
+    flat = bottom.reshape(streams, -1, k, *bottom.shape[1:])
+    mean = flat.mean(dim=(0, 2) if joint else 2, keepdim=True)
+    return torch.cat([top, mean.expand_as(flat).reshape(bottom.shape)], dim=1)
 
 
 class Block(nn.Module):
@@ -140,13 +168,22 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: Tensor, ensemble: int = 0) -> Tensor:
-        """ensemble: 0 none, 1 per stream (two-stream batch), 2 over the whole batch."""
+    mlp_block_bytes = 16 * 2**20
+
+    def forward(self, x: Tensor, ensemble: EnsembleSpec | None = None) -> Tensor:
         a = self.attn(self.norm1(x))
-        if ensemble:
-            a = _ensemble_query_half(a, per_stream=ensemble == 1)
+        if ensemble is not None:
+            a = _ensemble_query_half(a, ensemble)
         x = x + self.drop_path(a)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if torch.is_grad_enabled() or self.training:
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Inference: the MLP in blocks of tokens, added in place, so its wide hidden layer never exists whole.
+        flat = x.view(-1, x.shape[-1])
+        rows = max(1, self.mlp_block_bytes // (self.mlp.fc1.out_features * x.element_size()))
+        for r0 in range(0, flat.shape[0], rows):
+            chunk = flat[r0 : r0 + rows]
+            chunk += self.mlp(self.norm2(chunk))
+        return x
 
 
 class SegGPT(nn.Module):
@@ -242,21 +279,28 @@ class SegGPT(nn.Module):
         y = y + self.segment_token_y + pos + type_token
         return torch.cat((x, y), dim=0)
 
-    def forward_encoder(self, x: Tensor, feature_ensemble: bool = False) -> list[Tensor]:
-        """Run the blocks on the two-stream batch; returns the normalised feature-layer outputs."""
+    def forward_encoder(self, x: Tensor, feature_ensemble: bool | int = False) -> list[Tensor]:
+        """Run the blocks on the two-stream batch; returns the normalised feature-layer outputs.
+
+        feature_ensemble: True averages the query half over the whole batch (one query, B prompts); an int k
+        averages over consecutive groups of k items (B / k queries with k prompts each, in one forward).
+        """
         cfg = self.config
+        batch = x.shape[0] // 2
+        k = batch if feature_ensemble is True else int(feature_ensemble)
+        if k and batch % k:
+            raise ValueError(f"feature_ensemble groups of {k} do not divide the batch of {batch}")
         features = []
         for i, blk in enumerate(self.blocks):
             # Feature ensemble averages the query half over prompts. Before block merge_index each stream
             # is averaged on its own. In block merge_index itself the Hugging Face port (which we match)
             # averages over both streams together, whereas the original Painter code still averages
             # per stream there; with one prompt that block is therefore not a no-op.
-            ensemble = 0
-            if feature_ensemble:
-                if i < cfg.merge_index:
-                    ensemble = 1 if x.shape[0] >= 4 else 0
-                else:
-                    ensemble = 2 if x.shape[0] >= 2 else 0
+            ensemble = None
+            if k and i == cfg.merge_index:
+                ensemble = (2, k, True)
+            elif k > 1:
+                ensemble = (2 if i < cfg.merge_index else 1, k, False)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, ensemble, use_reentrant=False)
             else:
@@ -268,9 +312,25 @@ class SegGPT(nn.Module):
                 features.append(self.norm(x))
         return features
 
-    def forward_decoder(self, features: list[Tensor]) -> Tensor:
-        """Per-patch linear to p*p*decoder_dim, pixel shuffle, then a small conv head to RGB."""
-        x = self.decoder_embed(torch.cat(features, dim=-1))
+    def forward_decoder(self, features: list[Tensor], query_only: bool = False) -> Tensor:
+        """Per-patch linear to p*p*decoder_dim, pixel shuffle, then a small conv head to RGB.
+
+        query_only decodes just the query half (what inference reads), plus one patch row above it as context
+        for the 3x3 convolution, which is then cut off: the same pixels as the full decode, at half the cost.
+        """
+        x = torch.cat(features, dim=-1)
+        p = self.config.patch_size
+        if query_only:
+            x = x[:, x.shape[1] // 2 - 1 :]
+        if torch.is_grad_enabled() or x.shape[0] == 1:
+            x = self._decode(x)
+        else:
+            # Inference: one item at a time, so the full-resolution decoder maps never exist for the whole batch.
+            x = torch.cat([self._decode(item[None]) for item in x])
+        return x[:, :, p:] if query_only else x
+
+    def _decode(self, x: Tensor) -> Tensor:
+        x = self.decoder_embed(x)
         b, gh, gw, _ = x.shape
         p, d = self.config.patch_size, self.config.decoder_dim
         x = x.reshape(b, gh, gw, p, p, d).permute(0, 5, 1, 3, 2, 4).reshape(b, d, gh * p, gw * p)
@@ -282,17 +342,20 @@ class SegGPT(nn.Module):
         labels: Tensor,
         mask: Tensor,
         *,
-        feature_ensemble: bool = False,
+        feature_ensemble: bool | int = False,
         embedding_type: str = "semantic",
+        query_only: bool = False,
     ) -> Tensor:
         """images, labels: (B, 3, 2h, w) canvases, ImageNet-normalised; prompt half on top, query half below.
 
         mask: bool (B or 1, num_patches), True = that label-canvas patch is replaced by the learned mask token.
-        feature_ensemble: average the query half over the batch (B prompts for one query image).
-        Returns the predicted label canvas (B, 3, 2h, w) in normalised space.
+        feature_ensemble: average the query half over the batch (B prompts for one query image), or with an int k
+        over each consecutive group of k items (B / k query images with k prompts each).
+        Returns the predicted label canvas (B, 3, 2h, w) in normalised space, or with ``query_only`` just its
+        query half (B, 3, h, w).
         """
         x = self.embed(images, labels, mask, embedding_type)
-        return self.forward_decoder(self.forward_encoder(x, feature_ensemble))
+        return self.forward_decoder(self.forward_encoder(x, feature_ensemble), query_only)
 
     def loss(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         """Smooth L1 (beta=config.loss_beta) averaged over the pixels of masked patches only.

@@ -137,6 +137,48 @@ def test_feature_ensemble_makes_query_halves_identical(micro):
     assert not torch.allclose(plain[:, :, h + 1 :], plain[:1, :, h + 1 :].expand_as(query), atol=1e-3)
 
 
+def test_grouped_ensemble_equals_separate_forwards(micro):
+    """Several queries with k prompts each in one forward give what one forward per query gives."""
+    cfg = micro.config
+    h = cfg.tile_size[0]
+    k, queries = 3, 2
+    images, labels = _canvases(cfg, k * queries, seed=5)
+    for g in range(queries):
+        images[g * k : (g + 1) * k, :, h:] = images[g * k, :, h:]
+    mask = query_half_mask(cfg)
+    with torch.no_grad():
+        together = micro(images, labels, mask, feature_ensemble=k)
+        groups = [slice(g * k, (g + 1) * k) for g in range(queries)]
+        apart = torch.cat([micro(images[s], labels[s], mask, feature_ensemble=True) for s in groups])
+        whole = micro(images, labels, mask, feature_ensemble=True)
+    assert torch.allclose(together, apart, atol=1e-5)
+    assert not torch.allclose(together, whole, atol=1e-3)  # grouping matters
+    with pytest.raises(ValueError, match="do not divide"):
+        micro(images[:5], labels[:5], mask, feature_ensemble=k)
+
+
+def test_blocked_attention_mlp_and_query_decode_are_exact(micro, monkeypatch):
+    """Row-blocked attention, token-blocked MLP and query-only decoding change cost, not results."""
+    from fewseg import model as model_module
+
+    cfg = micro.config
+    images, labels = _canvases(cfg, 2, seed=6)
+    mask = query_half_mask(cfg)
+    with torch.no_grad():
+        reference = micro(images, labels, mask)
+        query = micro(images, labels, mask, query_only=True)
+    assert query.shape[2] == images.shape[2] // 2
+    assert torch.allclose(query, reference[:, :, cfg.tile_size[0] :], atol=1e-5)
+    # Force several blocks: a few query rows of bias and a few tokens of MLP at a time.
+    monkeypatch.setattr(model_module.Attention, "bias_block_bytes", 7 * cfg.num_heads * cfg.num_patches * 4)
+    monkeypatch.setattr(model_module.Block, "mlp_block_bytes", 5 * micro.blocks[0].mlp.fc1.out_features * 4)
+    with torch.no_grad():
+        blocked = micro(images, labels, mask)
+    assert torch.allclose(blocked, reference, atol=1e-5)
+    # With autograd on (training), the whole-tensor MLP path runs and agrees too.
+    assert torch.allclose(micro(images, labels, mask).detach(), reference, atol=1e-5)
+
+
 def test_grad_checkpointing_same_gradients():
     cfg = PRESETS["micro"]
     images, labels = _canvases(cfg, 2)
