@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,28 +99,62 @@ def prompt_pairs(prompt_tiles: Sequence[np.ndarray], grid: int) -> list[tuple[in
 # Model calls
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_canvases(
     model: SegGPT,
     images: np.ndarray,
     labels: np.ndarray,
     mask: np.ndarray,
     *,
-    ensemble: bool,
+    ensemble: int,
     device: torch.device,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """Run the model on uint8 canvases (B, 2h, w, 3); ``mask`` is (num_patches,) or (B, num_patches)."""
+    """Query halves (B, 3, h, w) predicted for uint8 canvases (B, 2h, w, 3).
+
+    ``mask`` is (num_patches,) or (B, num_patches); ``ensemble`` is the number of consecutive canvases that share
+    one query image and are feature-ensembled (0 or 1: none).
+    """
     x = to_tensor(images).to(device)
     y = to_tensor(labels).to(device)
     m = torch.from_numpy(np.atleast_2d(mask)).to(device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     with ctx:
-        return model(x, y, m, feature_ensemble=ensemble and len(images) > 1).float()
+        return model(x, y, m, feature_ensemble=ensemble if ensemble > 1 else False, query_only=True).float()
 
 
-def _label_half(pred: torch.Tensor, palette: np.ndarray, h: int) -> np.ndarray:
-    return decode_canvas(pred[:, :, h:], palette)
+def predict_ensembled(
+    model: SegGPT,
+    queries: Sequence[np.ndarray],
+    lowers: Sequence[np.ndarray | None],
+    masks: Sequence[np.ndarray],
+    prompt_imgs: Sequence[np.ndarray],
+    prompt_masks: Sequence[np.ndarray],
+    palette: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> list[np.ndarray]:
+    """Class ids of each query tile under the feature ensemble of all prompt pairs.
+
+    Query tile i is paired with every prompt pair (k canvases); its label half is ``lowers[i]`` (first-pass
+    colours for seam repair) or the prompt's own mask (ignored: fully masked), and ``masks[i]`` its query-half
+    patch mask. As many query tiles as fit in ``batch_size`` canvases share one forward (at least one).
+    """
+    k = len(prompt_imgs)
+    per_forward = max(1, batch_size // k)
+    out: list[np.ndarray] = []
+    for start in range(0, len(queries), per_forward):
+        idx = range(start, min(start + per_forward, len(queries)))
+        images = np.stack([np.concatenate([pi, queries[i]]) for i in idx for pi in prompt_imgs])
+        labels = np.stack(
+            [np.concatenate([pm, pm if lowers[i] is None else lowers[i]]) for i in idx for pm in prompt_masks]
+        )
+        mask = np.stack([canvas_mask(masks[i]) for i in idx for _ in range(k)])
+        pred = predict_canvases(model, images, labels, mask, ensemble=k, device=device, precision=precision)
+        out.extend(decode_canvas(pred[::k], palette))  # every canvas of a group holds the same query half
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,32 +180,31 @@ def predict_base(
     seam_repair: bool,
     seam_band: int,
     device: torch.device,
+    batch_size: int = 8,
     precision: str = "fp32",
-    progress: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """Base-class ids for one query image at its own size."""
     cfg = model.config
     h, w = cfg.tile_size
-    patches = cfg.tile_size[0] // cfg.patch_size
+    patches = h // cfg.patch_size
     work = resize_image(query, working_size)
     pairs = prompt_pairs([p.image for p in prompts], grid)
     prompt_imgs = [resize_image(prompts[p].image[y0:y1, x0:x1], (h, w)) for p, (y0, x0, y1, x1) in pairs]
     prompt_masks = [resize_nearest(prompts[p].mask_rgb[y0:y1, x0:x1], (h, w)) for p, (y0, x0, y1, x1) in pairs]
-    full_query = canvas_mask(np.ones((patches, cfg.tile_size[1] // cfg.patch_size), dtype=bool))
+    whole = np.ones((patches, w // cfg.patch_size), dtype=bool)
+    boxes = tile_boxes(working_size, grid)
+    tiles = [resize_image(work[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
     ids = np.zeros((working_size, working_size), dtype=np.uint8)
-    for y0, x0, y1, x1 in tile_boxes(working_size, grid):
-        q = resize_image(work[y0:y1, x0:x1], (h, w))
-        images = np.stack([np.concatenate([pi, q]) for pi in prompt_imgs])
-        labels = np.stack([np.concatenate([pm, pm]) for pm in prompt_masks])
-        pred = predict_canvases(model, images, labels, full_query, ensemble=True, device=device, precision=precision)
-        tile_ids = _label_half(pred[:1], palette, h)[0]
+    predicted = predict_ensembled(
+        model, tiles, [None] * len(tiles), [whole] * len(tiles), prompt_imgs, prompt_masks, palette,
+        batch_size=batch_size, device=device, precision=precision,
+    )  # fmt: skip
+    for (y0, x0, y1, x1), tile_ids in zip(boxes, predicted, strict=True):
         ids[y0:y1, x0:x1] = resize_nearest(tile_ids, (y1 - y0, x1 - x0))
-        if progress:
-            progress()
     if seam_repair and grid > 1:
         ids = repair_seams(
             model, work, ids, prompt_imgs, prompt_masks, palette, grid=grid, band=seam_band, device=device,
-            precision=precision,
+            batch_size=batch_size, precision=precision,
         )  # fmt: skip
     return resize_nearest(ids, query.shape[:2])
 
@@ -187,28 +220,40 @@ def repair_seams(
     grid: int,
     band: int,
     device: torch.device,
+    batch_size: int = 8,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Re-predict bands around the tiling's seams with the first pass's colours as context (SPEC section 7)."""
+    """Re-predict bands around the tiling's seams with the first pass's colours as context (SPEC section 7).
+
+    Every crop reads the first pass only, so all crops are predicted together and pasted afterwards.
+    """
     cfg = model.config
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
-    size = ids.shape[0]
-    out = ids.copy()
     colours = palette[ids]
-    ensemble = len(prompt_imgs) > 1
-    for crop in seam_crops(size, grid, patches, band):
+    crops = seam_crops(ids.shape[0], grid, patches, band)
+    queries, lowers, masks = [], [], []
+    for crop in crops:
+        y0, x0, y1, x1 = crop.box
+        queries.append(resize_image(work[y0:y1, x0:x1], (h, w)))
+        lowers.append(resize_nearest(colours[y0:y1, x0:x1], (h, w)))
+        masks.append(band_mask(crop, patches))
+    predicted = predict_ensembled(
+        model, queries, lowers, masks, prompt_imgs, prompt_masks, palette, batch_size=batch_size, device=device,
+        precision=precision,
+    )  # fmt: skip
+    return paste_bands(ids, crops, masks, predicted)
+
+
+def paste_bands(
+    ids: np.ndarray, crops: Sequence[SeamCrop], masks: Sequence[np.ndarray], predicted: Sequence[np.ndarray]
+) -> np.ndarray:
+    """A copy of ``ids`` with each crop's re-predicted band (its patch mask, scaled to the crop) pasted in."""
+    out = ids.copy()
+    for crop, qmask, tile_ids in zip(crops, masks, predicted, strict=True):
         y0, x0, y1, x1 = crop.box
         side = y1 - y0
-        q = resize_image(work[y0:y1, x0:x1], (h, w))
-        known = resize_nearest(colours[y0:y1, x0:x1], (h, w))
-        qmask = band_mask(crop, patches)
-        images = np.stack([np.concatenate([pi, q]) for pi in prompt_imgs])
-        labels = np.stack([np.concatenate([pm, known]) for pm in prompt_masks])
-        pred = predict_canvases(
-            model, images, labels, canvas_mask(qmask), ensemble=ensemble, device=device, precision=precision
-        )
-        tile_ids = resize_nearest(_label_half(pred[:1], palette, h)[0], (side, side))
+        tile_ids = resize_nearest(tile_ids, (side, side))
         pixel_band = resize_nearest(qmask.astype(np.uint8), (side, side)) > 0
         region = out[y0:y1, x0:x1]
         region[pixel_band] = tile_ids[pixel_band]
@@ -241,41 +286,38 @@ def predict_novel(
     p_img = prompt_image.to(device)
     p_lab = prompt_label.to(device)
     boxes = tile_boxes(working_size, grid)
+    whole = np.ones((patches, w // cfg.patch_size), dtype=bool)
+    tiles = [resize_image(work[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
+    predicted = _novel_predict(model, tiles, None, [whole] * len(tiles), p_img, p_lab, batch_size, device, precision)
     mask = np.zeros((working_size, working_size), dtype=np.uint8)
-    full_query = canvas_mask(np.ones((patches, w // cfg.patch_size), dtype=bool))
-    for start in range(0, len(boxes), batch_size):
-        chunk = boxes[start : start + batch_size]
-        tiles = np.stack([resize_image(work[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in chunk])
-        pred = _novel_forward(model, tiles, None, full_query, p_img, p_lab, device, precision)
-        for (y0, x0, y1, x1), m in zip(chunk, decode_canvas(pred[:, :, h:], BINARY_PALETTE), strict=True):
-            mask[y0:y1, x0:x1] = resize_nearest(m, (y1 - y0, x1 - x0))
+    for (y0, x0, y1, x1), m in zip(boxes, predicted, strict=True):
+        mask[y0:y1, x0:x1] = resize_nearest(m, (y1 - y0, x1 - x0))
     if seam_repair and grid > 1:
         crops = seam_crops(working_size, grid, patches, band=seam_band)
-        out = mask.copy()
         colours = BINARY_PALETTE[mask]
-        for crop in crops:
-            y0, x0, y1, x1 = crop.box
-            side = y1 - y0
-            q = resize_image(work[y0:y1, x0:x1], (h, w))[None]
-            known = resize_nearest(colours[y0:y1, x0:x1], (h, w))[None]
-            qmask = band_mask(crop, patches)
-            pred = _novel_forward(model, q, known, canvas_mask(qmask), p_img, p_lab, device, precision)
-            m = resize_nearest(decode_canvas(pred[:, :, h:], BINARY_PALETTE)[0], (side, side))
-            pixel_band = resize_nearest(qmask.astype(np.uint8), (side, side)) > 0
-            region = out[y0:y1, x0:x1]
-            region[pixel_band] = m[pixel_band]
-        mask = out
+        boxes = [c.box for c in crops]
+        queries = [resize_image(work[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
+        lowers = [resize_nearest(colours[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
+        masks = [band_mask(crop, patches) for crop in crops]
+        predicted = _novel_predict(model, queries, lowers, masks, p_img, p_lab, batch_size, device, precision)
+        mask = paste_bands(mask, crops, masks, predicted)
     return resize_nearest(mask, query.shape[:2])
 
 
-@torch.no_grad()
-def _novel_forward(model, tiles, known, mask, p_img, p_lab, device, precision) -> torch.Tensor:
-    q = to_tensor(tiles).to(device)
-    lower = to_tensor(known).to(device) if known is not None else torch.zeros_like(q)
-    b = q.shape[0]
-    images = torch.cat([p_img.expand(b, -1, -1, -1), q], dim=2)
-    labels = torch.cat([p_lab.expand(b, -1, -1, -1), lower], dim=2)
-    m = torch.from_numpy(np.atleast_2d(mask)).to(device)
+@torch.inference_mode()
+def _novel_predict(model, tiles, lowers, masks, p_img, p_lab, batch_size, device, precision) -> list[np.ndarray]:
+    """Binary masks of query tiles under one learned prompt, ``batch_size`` tiles per forward."""
+    out: list[np.ndarray] = []
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    with ctx:
-        return model(images, labels, m).float()
+    for start in range(0, len(tiles), batch_size):
+        stop = min(start + batch_size, len(tiles))
+        q = to_tensor(np.stack(tiles[start:stop])).to(device)
+        lower = torch.zeros_like(q) if lowers is None else to_tensor(np.stack(lowers[start:stop])).to(device)
+        b = q.shape[0]
+        images = torch.cat([p_img.expand(b, -1, -1, -1), q], dim=2)
+        labels = torch.cat([p_lab.expand(b, -1, -1, -1), lower], dim=2)
+        m = torch.from_numpy(np.stack([canvas_mask(x) for x in masks[start:stop]])).to(device)
+        with ctx:
+            pred = model(images, labels, m, query_only=True).float()
+        out.extend(decode_canvas(pred, BINARY_PALETTE))
+    return out

@@ -64,14 +64,14 @@ def _micro():
 def test_base_prediction_comes_back_at_the_query_size():
     model = _micro()
     rng = np.random.default_rng(0)
-    query = rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)  # a 1000x1000 OEM tile, scaled down
+    query = rng.integers(0, 255, (1000, 1000, 3), dtype=np.uint8)  # an OEM tile's size
     prompt = BasePrompt(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8), np.zeros((96, 96, 3), np.uint8))
     palette = np.array([[0, 0, 0], [255, 0, 0]], np.uint8)
     ids = predict_base(
         model, query, [prompt, prompt], palette, working_size=96, grid=2, seam_repair=True, seam_band=1,
         device=torch.device("cpu"),
     )  # fmt: skip
-    assert ids.shape == (100, 100) and ids.dtype == np.uint8 and ids.max() <= 1
+    assert ids.shape == (1000, 1000) and ids.dtype == np.uint8 and ids.max() <= 1
 
 
 def test_novel_prediction_is_binary_at_the_query_size():
@@ -83,3 +83,55 @@ def test_novel_prediction_is_binary_at_the_query_size():
         seam_band=1, batch_size=4, device=torch.device("cpu"),
     )  # fmt: skip
     assert mask.shape == (70, 90) and set(np.unique(mask)) <= {0, 1}
+
+
+def _base_case(seed: int):
+    rng = np.random.default_rng(seed)
+    query = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+    prompts = [
+        BasePrompt(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8), palette[rng.integers(0, 3, (96, 96))])
+        for _ in range(2)
+    ]
+    return query, prompts, palette
+
+
+def test_batched_base_inference_equals_one_query_tile_per_forward():
+    """Sharing forwards across a query's tiles and seam crops (grouped ensemble) changes no pixel."""
+    model = _micro()
+    query, prompts, palette = _base_case(2)
+    kwargs = dict(working_size=96, grid=2, seam_band=1, device=torch.device("cpu"))
+    for seam in (False, True):
+        one = predict_base(model, query, prompts, palette, seam_repair=seam, batch_size=8, **kwargs)  # 8 pairs
+        many = predict_base(model, query, prompts, palette, seam_repair=seam, batch_size=64, **kwargs)
+        assert np.array_equal(one, many)
+    assert len(np.unique(many)) > 1  # a prediction with structure, not a constant
+
+
+def test_seam_repair_changes_only_the_bands():
+    model = _micro()
+    query, prompts, palette = _base_case(3)
+    kwargs = dict(working_size=96, grid=2, seam_band=1, device=torch.device("cpu"), batch_size=64)
+    plain = predict_base(model, query, prompts, palette, seam_repair=False, **kwargs)
+    repaired = predict_base(model, query, prompts, palette, seam_repair=True, **kwargs)
+    bands = np.zeros((96, 96), bool)
+    patches = model.config.tile_size[0] // model.config.patch_size
+    for crop in seam_crops(96, 2, patches, 1):
+        y0, x0, y1, x1 = crop.box
+        side = y1 - y0
+        m = band_mask(crop, patches).repeat(side // patches, 0).repeat(side // patches, 1)
+        bands[y0:y1, x0:x1] |= m
+    assert np.array_equal(plain[~bands], repaired[~bands])
+    assert not np.array_equal(plain[bands], repaired[bands])
+
+
+def test_batched_novel_inference_equals_one_tile_per_forward():
+    model = _micro()
+    query = np.random.default_rng(4).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    h, w = model.config.tile_size
+    g = torch.Generator().manual_seed(0)
+    p_img, p_lab = torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
+    kwargs = dict(working_size=96, grid=3, seam_repair=True, seam_band=1, device=torch.device("cpu"))
+    one = predict_novel(model, query, p_img, p_lab, batch_size=1, **kwargs)
+    many = predict_novel(model, query, p_img, p_lab, batch_size=16, **kwargs)
+    assert np.array_equal(one, many)
