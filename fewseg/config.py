@@ -250,6 +250,11 @@ def base_training_settings(config: dict) -> dict:
     }
 
 
+def base_training_gpus(config: dict) -> int:
+    """GPUs the base-training job asks the scheduler for: one per data-parallel process when on CUDA."""
+    return config["base_training"]["processes"] if config["runtime"]["device"] == "cuda" else 0
+
+
 def prompt_settings(config: dict, cls: int) -> dict:
     """Prompt-training settings of one class: the defaults with that class's overrides."""
     pt = config["prompt_training"]
@@ -336,7 +341,7 @@ STAGE_MODULES: dict[str, list[str]] = {
     "convert": ["convert", "io", "palette", "stages"],
     "mapping": ["mapping", "io", "stages"],
     "train": ["train", "data", "model", "model_config", "prompt", "palette", "schedule", "checkpoints", "metrics",
-              "weights", "io", "stages"],
+              "weights", "distributed", "io", "stages"],
     "infer": ["infer", "data", "model", "model_config", "palette", "checkpoints", "io", "stages"],
     "overlay": ["overlay", "io", "stages"],
     "submission": ["submission", "metrics", "io", "stages"],

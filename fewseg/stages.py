@@ -55,6 +55,9 @@ def run_stage(smk: Any, stage: Callable[..., Any]) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=handle, force=True
     )
+    from fewseg.allocator import keep_freed_memory
+
+    log.info("%s", keep_freed_memory())
     threads = max(1, int(smk.threads))
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch when a stage imports it
     if "torch" in sys.modules:
@@ -202,15 +205,18 @@ def rank_prompts(input, output, params, progress=None) -> None:
 def train_base(input, output, params, progress=None) -> None:
     from fewseg.train import train_base as train
 
-    result = train(
-        _train_tiles(input.train),
-        output.model,
-        output.history,
-        output.plot,
-        _param(params, "checkpoint_dir"),
-        _param(params, "settings"),
-        progress_stream=progress,
-    )
+    settings = _param(params, "settings")
+    job = {
+        "tiles": _train_tiles(input.train), "out_model": output.model, "out_history": output.history,
+        "out_plot": output.plot, "checkpoint_dir": _param(params, "checkpoint_dir"), "settings": settings,
+    }  # fmt: skip
+    processes = settings["training"].get("processes", 1)
+    if processes > 1:
+        from fewseg.distributed import launch_train_base
+
+        result = launch_train_base(processes, job, job["checkpoint_dir"], getattr(progress, "handle", None))
+    else:
+        result = train(**job, progress_stream=progress)
     log.info("base model: %s", result)
 
 
@@ -287,7 +293,7 @@ def infer_base(input, output, params, progress=None) -> None:
                 prompts.append(BasePrompt(resize_image(read_image(t["image"]), s["working_size"]), mask))
             ids = predict_base(
                 model, image, prompts, palette, working_size=s["working_size"], grid=s["grid"],
-                seam_repair=s["seam_repair"], seam_band=s["seam_band"], device=device,
+                seam_repair=s["seam_repair"], seam_band=s["seam_band"], device=device, batch_size=s["batch_size"],
                 precision=s["runtime"]["precision"],
             )  # fmt: skip
             write_prediction(tmp, q, ids, image, show)

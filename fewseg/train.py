@@ -117,8 +117,11 @@ def plot_history(path: str | os.PathLike, rows: Sequence[dict], title: str) -> N
     plt.close(fig)
 
 
-def _progress(total: int, initial: int, desc: str, stream) -> tqdm:
-    return tqdm(total=total, initial=initial, desc=desc, file=stream, mininterval=5.0, ascii=True, dynamic_ncols=False)
+def _progress(total: int, initial: int, desc: str, stream, disable: bool = False) -> tqdm:
+    return tqdm(
+        total=total, initial=initial, desc=desc, file=stream, mininterval=5.0, ascii=True, dynamic_ncols=False,
+        disable=disable,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,10 +188,25 @@ def train_base(
     settings: dict,
     progress_stream=None,
 ) -> dict:
-    """Fine-tune SegGPT on pairs of train tiles; writes the best model (by held-out mIoU), history CSV and plot."""
+    """Fine-tune SegGPT on pairs of train tiles; writes the best model (by held-out mIoU), history CSV and plot.
+
+    Under a process group (see :mod:`fewseg.distributed`) each rank builds its share of every step's global batch
+    (sample b of a micro-batch goes to rank b mod world) and gradients are summed over ranks; every sample draws
+    its augmentation from its own (seed, step, index) stream and the loss is the mean over all masked pixels of
+    the whole step, so the result does not depend on the number of processes (up to summation order).
+    The checkpoint folder keeps ``best.pt`` (held-out mIoU) and ``last.pt`` (final step) beside the output.
+    """
+    from fewseg.distributed import all_reduce_grads, all_reduce_sum, rank_and_world
+
     t = settings["training"]
     seed = settings["seed"]
+    rank, world = rank_and_world()
+    main = rank == 0
+    if t["batch_size"] % world:
+        raise ValueError(f"base_training/batch_size {t['batch_size']} does not split over {world} processes")
     device = pick_device(settings["runtime"]["device"])
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
     palette = as_palette(settings["palette"])
     torch.manual_seed(seed)
     model = build_base_model(settings["model"]).to(device)
@@ -220,7 +238,7 @@ def train_base(
     }  # fmt: skip
     ckpt_dir = Path(checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    resume_path, best_path = ckpt_dir / "resume.pt", ckpt_dir / "best.pt"
+    resume_path, best_path, last_path = ckpt_dir / "resume.pt", ckpt_dir / "best.pt", ckpt_dir / "last.pt"
     digest = settings_digest(settings, str([x["stem"] for x in tiles]))
     history: list[dict] = []
     start, best = 0, -math.inf
@@ -235,10 +253,12 @@ def train_base(
     per_step = t["batch_size"] * t["grad_accum"]
     steps_per_epoch = max(1, math.ceil(pairs / per_step))
     log.info(
-        "base training: %d train tiles (%d pairs), %d held out; %d steps of %d samples; %s on %s; %d parameters",
-        len(train_tiles), pairs, len(val_tiles), t["steps"], per_step, cfg, device,
+        "base training: %d train tiles (%d pairs), %d held out; %d steps of %d samples; %s on %s x %d; %d parameters",
+        len(train_tiles), pairs, len(val_tiles), t["steps"], per_step, cfg, device, world,
         sum(p.numel() for p in model.parameters()),
     )  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    pixels_per_patch = cfg.patch_size**2 * 3
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     bar, bar_epoch = None, -1
@@ -250,16 +270,17 @@ def train_base(
                 bar.close()
             bar_epoch = epoch
             first = epoch * steps_per_epoch
-            bar = _progress(min(steps_per_epoch, t["steps"] - first), step - first, f"epoch {epoch}", progress_stream)
+            bar = _progress(
+                min(steps_per_epoch, t["steps"] - first), step - first, f"epoch {epoch}", progress_stream, not main
+            )
         lr = lr_at(step, **schedule)
         set_lr(optimizer, lr)
-        torch.manual_seed(step_seed(seed, step))  # drop-path draws
-        rng = np.random.default_rng([seed, step])
+        torch.manual_seed(step_seed(seed, step, rank))  # drop-path draws
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        micro_batches = []
         for micro in range(t["grad_accum"]):
             samples = []
-            for b in range(t["batch_size"]):
+            for b in range(rank, t["batch_size"], world):
                 g = step * per_step + micro * t["batch_size"] + b
                 perm = LazyPermutation(pairs, [seed, g // pairs])
                 i, j = pair_at(perm(g % pairs), len(train_tiles))
@@ -268,7 +289,7 @@ def train_base(
                         store,
                         i,
                         j,
-                        rng,
+                        np.random.default_rng([seed, step, g]),
                         tile=cfg.tile_size,
                         grid=cfg.grid_size,
                         num_colors=num_colors,
@@ -277,18 +298,26 @@ def train_base(
                         blur_sigma=t["blur_sigma"],
                         fixed_palette=palette,
                         random_palette_prob=t["random_palette_prob"],
-                    )
+                    )  # fmt: skip
                 )
-            images, labels, mask = _batch_tensors(samples, device)
+            micro_batches.append(_batch_tensors(samples, device))
+        # The step's loss is the mean over every masked pixel of every micro-batch on every rank.
+        masked = sum(float(m.sum()) for _, _, m in micro_batches) * pixels_per_patch
+        masked = float(all_reduce_sum(torch.tensor([masked], dtype=torch.float64)))
+        total_t = torch.zeros((), dtype=torch.float64)
+        for images, labels, mask in micro_batches:
             with autocast(device, settings["runtime"]["precision"]):
                 pred = model(images, labels, mask)
-                loss = model.loss(pred.float(), labels, mask) / t["grad_accum"]
-            loss.backward()
-            total += float(loss.detach())
+                count = mask.sum() * pixels_per_patch
+                loss_sum = model.loss(pred.float(), labels, mask) * count
+            (loss_sum / masked).backward()
+            total_t += float(loss_sum.detach())
+        all_reduce_grads(params)
+        total = float(all_reduce_sum(total_t)) / masked
         optimizer.step()
         row = {"step": step + 1, "loss": total, "lr": lr}
         done = step + 1
-        if done % t["val_every"] == 0 or done == t["steps"]:
+        if main and (done % t["val_every"] == 0 or done == t["steps"]):
             miou = validate_base(model, val_store, val_pairs, settings, device)
             row["val_miou"] = miou
             score = miou if miou is not None else -float(total)
@@ -299,7 +328,7 @@ def train_base(
         history.append(row)
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
-        if done % t["checkpoint_every"] == 0 and done < t["steps"]:
+        if main and done % t["checkpoint_every"] == 0 and done < t["steps"]:
             save_torch(
                 resume_path,
                 {"step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -308,12 +337,16 @@ def train_base(
     if bar is not None:
         bar.close()
     elapsed = time.time() - t0
+    if not main:
+        return {"rank": rank, "seconds": elapsed}
+    # The final step's weights, loadable like the output model (which is the best by held-out mIoU).
+    save_base_model(last_path, model, {"chosen": "last", "steps": t["steps"], "processes": world})
     if val_pairs and best_path.is_file():
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
         chosen = "best"
     else:
         chosen = "last"
-    meta = {"chosen": chosen, "best_val_miou": best if val_pairs else None, "steps": t["steps"]}
+    meta = {"chosen": chosen, "best_val_miou": best if val_pairs else None, "steps": t["steps"], "processes": world}
     if device.type == "cuda":
         meta["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         log.info("GPU peak memory %.0f MiB", meta["gpu_peak_mb"])

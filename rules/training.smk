@@ -23,6 +23,7 @@ rule train_base:
     resources:
         mem_mb=8000,
         runtime=720,
+        gpu=fc.base_training_gpus(CFG),
     params:
         settings=fc.base_training_settings(CFG),
         checkpoint_dir="results/checkpoints/base",
