@@ -29,7 +29,7 @@ from fewseg.infer import (
     paste_bands,
     predict_base,
     predict_novel,
-    prompt_pairs,
+    prompt_halves,
     seam_crops,
     tile_boxes,
 )
@@ -58,9 +58,7 @@ def naive_base(model, query, prompts, palette, *, working_size, grid, seam_repai
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
     work = resize_image(query, working_size)
-    pairs = prompt_pairs([p.image for p in prompts], grid)
-    prompt_imgs = [resize_image(prompts[p].image[y0:y1, x0:x1], (h, w)) for p, (y0, x0, y1, x1) in pairs]
-    prompt_masks = [resize_nearest(prompts[p].mask_rgb[y0:y1, x0:x1], (h, w)) for p, (y0, x0, y1, x1) in pairs]
+    prompt_imgs, prompt_masks = prompt_halves(prompts, grid, (h, w))
     whole = np.ones((patches, w // cfg.patch_size), dtype=bool)
     ids = np.zeros((working_size, working_size), dtype=np.uint8)
     for y0, x0, y1, x1 in tile_boxes(working_size, grid):

@@ -40,19 +40,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum the gradients of every rank, flattened into one buffer (one collective per step, as DDP buckets do).
 
-    Done once after gradient accumulation, so accumulation needs no ``no_sync`` and parameters without a gradient
-    this step (the instance type token) need no special DDP mode.
+    Done once after gradient accumulation, so accumulation needs no ``no_sync``. Parameters without a gradient
+    (the instance type token) have none on every rank alike and stay untouched, as in one process.
     """
     if rank_and_world()[1] == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+    for g, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(summed.view_as(g))
 
 
 def launch_train_base(processes: int, job: dict[str, Any], spec_dir: str | os.PathLike, log_handle=None) -> dict:

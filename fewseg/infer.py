@@ -95,6 +95,14 @@ def prompt_pairs(prompt_tiles: Sequence[np.ndarray], grid: int) -> list[tuple[in
     return [(p, box) for p in range(len(prompt_tiles)) for box in tile_boxes(prompt_tiles[p].shape[0], grid)]
 
 
+def prompt_halves(prompts: Sequence[BasePrompt], grid: int, tile: tuple[int, int]) -> tuple[list, list]:
+    """Images and colour masks of every prompt pair, resized to the model tile (bicubic / nearest)."""
+    pairs = prompt_pairs([p.image for p in prompts], grid)
+    images = [resize_image(prompts[p].image[y0:y1, x0:x1], tile) for p, (y0, x0, y1, x1) in pairs]
+    masks = [resize_nearest(prompts[p].mask_rgb[y0:y1, x0:x1], tile) for p, (y0, x0, y1, x1) in pairs]
+    return images, masks
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model calls
 
@@ -188,9 +196,7 @@ def predict_base(
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
     work = resize_image(query, working_size)
-    pairs = prompt_pairs([p.image for p in prompts], grid)
-    prompt_imgs = [resize_image(prompts[p].image[y0:y1, x0:x1], (h, w)) for p, (y0, x0, y1, x1) in pairs]
-    prompt_masks = [resize_nearest(prompts[p].mask_rgb[y0:y1, x0:x1], (h, w)) for p, (y0, x0, y1, x1) in pairs]
+    prompt_imgs, prompt_masks = prompt_halves(prompts, grid, (h, w))
     whole = np.ones((patches, w // cfg.patch_size), dtype=bool)
     boxes = tile_boxes(working_size, grid)
     tiles = [resize_image(work[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
