@@ -19,6 +19,7 @@ include: "rules/submission.smk"
 localrules:
     all,
     make_demo_dataset,
+    validate_dataset,
     convert_train_masks,
     split_support,
     overlay_step,

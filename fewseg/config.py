@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -65,11 +66,72 @@ def _where(error: jsonschema.ValidationError) -> str:
     return "/".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
+# YAML 1.1 (PyYAML, and so Snakemake) reads 1e-3 as a string: it wants a dot in the mantissa (1.0e-3).
+# People write both, so a string that YAML 1.2 would read as a number is taken as one where the schema wants one.
+_YAML12_NUMBER = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+
+
+def _as_number(text: str, integer: bool) -> float | int | None:
+    if not _YAML12_NUMBER.match(text.strip()):
+        return None
+    value = float(text)
+    if integer:
+        return int(value) if value.is_integer() else None
+    return value
+
+
+def _type_errors(errors) -> list[jsonschema.ValidationError]:
+    """Type errors, including those nested under anyOf/oneOf."""
+    out = []
+    for error in errors:
+        if error.validator == "type":
+            out.append(error)
+        out.extend(_type_errors(error.context or []))
+    return out
+
+
+def coerce_numbers(config: dict) -> tuple[dict, list[str]]:
+    """Copy of ``config`` with numbers written as YAML 1.1 strings (``1e-3``) turned into numbers where the schema
+    wants a number; also returns where that happened, for the log."""
+    config = copy.deepcopy(config)
+    validator = jsonschema.Draft202012Validator(load_schema())
+    fixed: list[str] = []
+    for error in _type_errors(validator.iter_errors(config)):
+        wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        if not isinstance(error.instance, str) or not {"number", "integer"} & set(wanted):
+            continue
+        value = _as_number(error.instance, integer="number" not in wanted)
+        path = list(error.absolute_path)
+        if value is None or not path:
+            continue
+        node = config
+        for key in path[:-1]:
+            node = node[key]
+        if node[path[-1]] == error.instance:
+            node[path[-1]] = value
+            fixed.append(f"{_where(error)}: {error.instance!r} read as {value!r}")
+    return config, fixed
+
+
+def _hint(error: jsonschema.ValidationError) -> str:
+    """The fix for the type mistakes YAML invites."""
+    if error.validator != "type":
+        return ""
+    wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+    if isinstance(error.instance, str) and "number" in wanted:
+        return " (write a plain number without quotes, e.g. 0.001, 1.0e-3 or 1e-3)"
+    if isinstance(error.instance, str) and "integer" in wanted:
+        return " (write a whole number without quotes, e.g. 300 or 3e2)"
+    if isinstance(error.instance, bool) and "string" in wanted:
+        return " (YAML reads yes/no/on/off/true/false as booleans: put the text in quotes)"
+    return ""
+
+
 def validate_schema(config: dict) -> None:
     validator = jsonschema.Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
-        lines = [f"  - {_where(e)}: {e.message}" for e in errors[:10]]
+        lines = [f"  - {_where(e)}: {e.message}{_hint(e)}" for e in errors[:10]]
         raise ConfigError("config does not match the schema:\n" + "\n".join(lines))
 
 
@@ -199,7 +261,11 @@ def _check_paths(config: dict, base: Path) -> None:
 
 
 def check_config(config: dict, base_dir: str | os.PathLike = ".", check_paths: bool = True) -> dict:
-    """Validate ``config`` (schema, then cross-field and path checks); return it with int class keys."""
+    """Validate ``config`` (schema, then cross-field and path checks); return it with int class keys.
+
+    Numbers that YAML 1.1 left as strings (``lr: 1e-3``) come back as numbers.
+    """
+    config, _ = coerce_numbers(config)
     validate_schema(config)
     config = normalize(config)
     _check_classes(config)
@@ -338,6 +404,7 @@ def evaluation_settings(config: dict) -> dict:
 # The fewseg modules each kind of job runs: their source digest is a rule param, so editing one reruns those jobs.
 STAGE_MODULES: dict[str, list[str]] = {
     "demo": ["demo", "io", "stages"],
+    "validate": ["validate", "convert", "io", "palette", "stages"],
     "convert": ["convert", "io", "palette", "stages"],
     "mapping": ["mapping", "io", "stages"],
     "train": ["train", "data", "model", "model_config", "prompt", "palette", "schedule", "checkpoints", "metrics",

@@ -68,7 +68,8 @@ def run_stage(smk: Any, stage: Callable[..., Any]) -> None:
     except (InputError, ValueError) as err:
         message = f"{getattr(smk, 'rule', stage.__name__)}: {err}"
         log.error("%s", message)
-        print(f"fewseg error: {message}", file=sys.stderr)
+        for line in message.splitlines():
+            print(f"fewseg error: {line}", file=sys.stderr)
         sys.exit(1)
     except BaseException:
         log.error("failed:\n%s", traceback.format_exc())
@@ -90,6 +91,22 @@ def make_demo_dataset(input, output, params, progress=None) -> None:
     demo = _param(params, "demo")
     manifest = make(output[0], seed=_param(params, "seed"), **demo)
     log.info("demo dataset written to %s: %s", output[0], json.dumps(manifest.get("counts", {})))
+
+
+def validate_dataset(input, output, params, progress=None) -> None:
+    """Every input file and the support split, checked before any heavy job (they all wait for this output)."""
+    from fewseg.validate import DatasetSpec
+    from fewseg.validate import validate_dataset as validate
+
+    classes = {key: _param(params, key) for key in ("dataset", "base", "novel")}
+    spec = DatasetSpec.from_settings(input.root, classes)
+    summary = validate(spec, cache_path=_param(params, "cache"), max_listed=_param(params, "max_listed"))
+    write_json(output[0], summary)
+    log.info(
+        "dataset is valid: %d train tiles, %d query tiles, support %s (%d files read, %d from the cache)",
+        summary["train_tiles"], summary["query_tiles"], {c: len(s) for c, s in summary["support"].items()},
+        summary["files_read"], summary["files_cached"],
+    )  # fmt: skip
 
 
 def convert_train_masks(input, output, params, progress=None) -> None:

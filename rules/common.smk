@@ -17,6 +17,17 @@ CFG = fc.check_config(config)
 
 ORDER = CFG["overlay"]["order"]
 
+
+onstart:
+    # one run per working directory; see fewseg/runlock.py and profiles/default
+    import fewseg.runlock
+
+    try:
+        fewseg.runlock.acquire(".snakemake/fewseg.lock")
+    except fewseg.runlock.RunLockError as err:
+        sys.exit(f"fewseg error: {err}")
+
+
 # Library modules behind each stage: their source digest is a param, so a library change reruns what it touches.
 CODE = {stage: fc.source_digest(modules) for stage, modules in fc.STAGE_MODULES.items()}
 
@@ -39,6 +50,28 @@ def query_labels_input():
     if CFG["dataset"]["source"] == "demo":
         return fc.DEMO_ROOT
     return fc.query_labels_dir(CFG) or []
+
+
+# Every stage that reads the dataset, and every heavy job, waits for the whole dataset's verdict. ancient(): a rerun
+# of the check (new data, another support split) does not by itself rerun the jobs behind it.
+VALIDATED = "results/validation/dataset.json"
+
+
+def validated():
+    return ancient(VALIDATED)
+
+
+def validation_settings():
+    d = CFG["dataset"]
+    keys = (
+        "train_dir",
+        "test_dir",
+        "shots",
+        "ignore_index",
+        "split_lists",
+        "query_labels",
+    )
+    return {k: d[k] for k in keys}
 
 
 def conversion_settings():

@@ -20,9 +20,34 @@ rule make_demo_dataset:
         "../workflow_scripts/make_demo_dataset.py"
 
 
+rule validate_dataset:
+    input:
+        root=dataset_root(),
+    output:
+        VALIDATED,
+    log:
+        "results/logs/validate_dataset.log",
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        dataset=validation_settings(),
+        base=CFG["classes"]["base"],
+        novel=CFG["classes"]["novel"],
+        cache="results/cache/validation.json",
+        max_listed=20,
+        code=CODE["validate"],
+    script:
+        "../workflow_scripts/validate_dataset.py"
+
+
 rule convert_train_masks:
     input:
         root=dataset_root(),
+        valid=validated(),
     output:
         directory("results/converted/train"),
     log:
@@ -46,6 +71,7 @@ rule split_support:
     input:
         root=dataset_root(),
         train="results/converted/train",
+        valid=validated(),
     output:
         directory("results/converted/split"),
     log:

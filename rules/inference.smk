@@ -7,6 +7,7 @@ rule infer_base:
         train="results/converted/train",
         mapping="results/mapping/prompts.json",
         queries="results/converted/split",
+        valid=validated(),
     output:
         directory("results/predictions/base"),
     log:
@@ -31,6 +32,7 @@ rule infer_novel:
         model="results/models/base.pt",
         prompt="results/prompts/{cls}/prompt.pt",
         queries="results/converted/split",
+        valid=validated(),
     output:
         report(
             directory("results/predictions/novel_{cls}"),

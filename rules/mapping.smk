@@ -8,6 +8,7 @@ rule embed_tiles:
             if wc.subset == "train"
             else "results/converted/split"
         ),
+        valid=validated(),
     output:
         "results/mapping/embeddings_{subset}.npz",
     log:

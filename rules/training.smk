@@ -5,6 +5,7 @@
 rule train_base:
     input:
         train="results/converted/train",
+        valid=validated(),
     output:
         model="results/models/base.pt",
         history="results/models/base_history.csv",
@@ -36,6 +37,7 @@ rule train_prompt_phase1:
     input:
         model="results/models/base.pt",
         support="results/converted/split",
+        valid=validated(),
     output:
         prompt="results/prompts/{cls}/phase1.pt",
         history="results/prompts/{cls}/phase1_history.csv",
@@ -63,6 +65,7 @@ rule train_prompt_phase2:
         model="results/models/base.pt",
         support="results/converted/split",
         init="results/prompts/{cls}/phase1.pt",
+        valid=validated(),
     output:
         prompt="results/prompts/{cls}/prompt.pt",
         history="results/prompts/{cls}/phase2_history.csv",

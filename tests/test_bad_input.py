@@ -103,7 +103,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("breaker", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_input_stops_at_conversion(breaker, good_dataset, tmp_path):
+def test_bad_input_stops_before_conversion(breaker, good_dataset, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(good_dataset, root)
     name, phrase = breaker(root)
@@ -113,8 +113,7 @@ def test_bad_input_stops_at_conversion(breaker, good_dataset, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode != 0
     error_lines = [line for line in out.splitlines() if line.startswith("fewseg error:")]
-    assert error_lines, out[-3000:]
-    assert name in error_lines[0] and phrase in error_lines[0], error_lines[0]
+    assert any(name in line and phrase in line for line in error_lines), out[-3000:]
     converted = tmp_path / "results" / "converted"
     leftovers = sorted(p.name for p in converted.iterdir()) if converted.exists() else []
     # the stage that failed left nothing; no temporary folder survives
