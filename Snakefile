@@ -1,5 +1,5 @@
 # fewseg: raw OpenEarthMap-style tiles -> results/submission.zip (and results/metrics.json when query labels exist).
-# Stages follow the learnable-prompt SegGPT system; see README.md for the DAG and ../shared/spec for the method.
+# Stages follow the learnable-prompt SegGPT system; README.md describes the DAG, the method and its settings.
 from snakemake.utils import min_version
 
 min_version("9.0")

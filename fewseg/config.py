@@ -7,6 +7,7 @@ one setting reruns exactly the jobs it affects.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 import re
@@ -234,6 +235,10 @@ def _check_model(config: dict) -> None:
         raise ConfigError(f"model/overrides: unknown model settings {unknown} (known: {sorted(fields)})")
     if config["model"]["preset"] not in PRESETS:
         raise ConfigError(f"model/preset: unknown preset {config['model']['preset']!r}")
+    try:
+        dataclasses.replace(PRESETS[config["model"]["preset"]], **overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model/overrides: {err}") from None
 
 
 def _check_paths(config: dict, base: Path) -> None:
@@ -258,6 +263,59 @@ def _check_paths(config: dict, base: Path) -> None:
         must_exist(str(root / dataset["test_dir"]), "dataset/test_dir", "folder")
         if dataset["query_labels"]:
             must_exist(str(query_labels_dir(config)), "dataset/query_labels", "folder")
+
+
+# Maps keyed by class id, and which ids they may hold: every class (names) or the novel classes.
+CLASS_MAPS: dict[tuple[str, ...], str] = {
+    ("classes", "names"): "all",
+    ("mapping", "novel_filter", "thresholds"): "novel",
+    ("prompt_training", "classes"): "novel",
+    ("inference", "novel"): "novel",
+    ("overlay", "background_check"): "novel",
+}
+
+
+def _node(config: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(config, dict) or key not in config:
+            return None
+        config = config[key]
+    return config
+
+
+def drop_default_classes(config: dict, overrides: dict) -> dict:
+    """Drop, from the class-keyed maps, the entries of classes that are not configured and that only the defaults
+    (config.yaml) name.
+
+    Snakemake lays ``--configfile``/``--config`` over config.yaml key by key, so a user's file with other classes
+    than the defaults' 8-11 would still carry config.yaml's settings for 8-11. Entries the user's own files write
+    are kept, so a class id misspelt there is still reported by the checks.
+    """
+    if not overrides:
+        return config
+    config = copy.deepcopy(config)
+    classes = config.get("classes", {})
+    try:
+        novel = {int(c) for c in classes.get("novel", [])}
+        every = {0} | {int(c) for c in classes.get("base", [])} | novel
+    except (TypeError, ValueError):
+        return config  # the schema check reports it
+    for path, kind in CLASS_MAPS.items():
+        mapping, written = _node(config, path), _node(overrides, path) or {}
+        if not isinstance(mapping, dict):
+            continue
+        allowed = every if kind == "all" else novel
+        user_ids = {str(k) for k in written} if isinstance(written, dict) else set()
+        for key in list(mapping):
+            if str(key) in user_ids:
+                continue
+            try:
+                configured = int(key) in allowed
+            except (TypeError, ValueError):
+                continue
+            if not configured:
+                del mapping[key]
+    return config
 
 
 def check_config(config: dict, base_dir: str | os.PathLike = ".", check_paths: bool = True) -> dict:

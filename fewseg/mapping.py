@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fewseg.config import ConfigError
 from fewseg.io import InputError, atomic_path, read_image
 
 log = logging.getLogger("fewseg.mapping")
@@ -34,7 +35,7 @@ def build_encoder(name: str, *, weights: str | None = None, pretrained: bool = F
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
-        raise ValueError(f"mapping/encoder {name!r}: {err}") from None
+        raise ConfigError(f"mapping/encoder {name!r}: {err}") from None
     return model.eval()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fewseg.config import ConfigError
 from fewseg.io import InputError, atomic_dir, read_georef, read_image, read_json, read_label, write_geotiff, write_json
 from fewseg.io import write_png as _write_png
 
@@ -49,7 +50,11 @@ class _LogStream:
 
 
 def run_stage(smk: Any, stage: Callable[..., Any]) -> None:
-    """Run ``stage`` for a Snakemake job: log to its log file, set threads, exit 1 with one line on bad input."""
+    """Run ``stage`` for a Snakemake job: log to its log file, set threads, exit 1 with one line on bad input.
+
+    Only the project's own input errors (:class:`InputError` for data, :class:`ConfigError` for settings) read as
+    one line; any other exception is a bug and keeps its traceback in the log and on stderr.
+    """
     log_path = Path(smk.log[0]) if len(smk.log) else None
     handle = open(log_path, "a") if log_path else sys.stderr  # noqa: SIM115 - lives as long as the job
     logging.basicConfig(
@@ -65,7 +70,7 @@ def run_stage(smk: Any, stage: Callable[..., Any]) -> None:
     t0 = time.time()
     try:
         stage(smk.input, smk.output, smk.params, progress=_LogStream(handle))
-    except (InputError, ValueError) as err:
+    except (InputError, ConfigError) as err:  # the user's data or settings; anything else is a bug: traceback
         message = f"{getattr(smk, 'rule', stage.__name__)}: {err}"
         log.error("%s", message)
         for line in message.splitlines():

@@ -12,8 +12,12 @@ import fewseg.config as fc
 for _configfile in workflow.configfiles:
     fc.load_yaml(_configfile)
 
-# Schema (fewseg/schemas/config.schema.yaml) plus cross-field and path checks; every problem is listed by its key.
-CFG = fc.check_config(config)
+# Your --configfile is laid over config.yaml key by key; the defaults' entries for classes your config does not have
+# are dropped (fewseg/config.py drop_default_classes), so a file with another class set needs no edit of config.yaml.
+# Then the schema (fewseg/schemas/config.schema.yaml) and cross-field and path checks, every problem by its key.
+CFG = fc.check_config(
+    fc.drop_default_classes(config, workflow.config_settings.overwrite_config)
+)
 
 ORDER = CFG["overlay"]["order"]
 

@@ -1,4 +1,4 @@
-# Dataset stages (SPEC section 2): the demo dataset, train colour masks, support split and query list.
+# Dataset stages (method section 2): the demo dataset, train colour masks, support split and query list.
 
 
 rule make_demo_dataset:

@@ -1,4 +1,4 @@
-# Inference (SPEC section 7): base classes, each novel class, then the overlay chain in the configured order.
+# Inference (method section 7): base classes, each novel class, then the overlay chain in the configured order.
 
 
 rule infer_base:

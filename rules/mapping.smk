@@ -1,4 +1,4 @@
-# Prompt selection (SPEC section 3): embed each tile set once, then rank train tiles per query.
+# Prompt selection (method section 3): embed each tile set once, then rank train tiles per query.
 
 
 rule embed_tiles:

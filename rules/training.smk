@@ -1,4 +1,4 @@
-# Training (SPEC sections 5 and 6): base fine-tuning, then each novel class's prompt in two phases.
+# Training (method sections 5 and 6): base fine-tuning, then each novel class's prompt in two phases.
 # Checkpoints under results/checkpoints survive a killed job, so a rerun resumes where it stopped.
 
 
