@@ -135,14 +135,14 @@ def _build(impl: str, model: str, weights: Path, train: bool):
 
 def _step_fn(impl: str, net, task: str, precision: str, compile_: bool, query_only: bool = False):
     """A zero-argument callable doing one unit of the task; returns the predicted canvas (or None)."""
-    import contextlib
-
     import torch
+
+    from fewseg.runtime import autocast
 
     batch = {"fwd1": 1, "fwd8": 8, "train2": 2}[task]
     ensemble = task == "fwd8"
     query, prompt, mask, label = _inputs(batch, shared_query=ensemble)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    cpu = torch.device("cpu")
     if impl == "ref":
         if task == "train2":
             bool_mask = _train_mask(batch)
@@ -154,7 +154,7 @@ def _step_fn(impl: str, net, task: str, precision: str, compile_: bool, query_on
         forward = torch.compile(net) if compile_ else net
 
         def run():
-            with autocast:
+            with autocast(cpu, precision):
                 out = forward(**kwargs)
             return out.pred_masks if task != "train2" else out.loss
 
@@ -167,7 +167,7 @@ def _step_fn(impl: str, net, task: str, precision: str, compile_: bool, query_on
         forward = torch.compile(net) if compile_ else net
 
         def run():
-            with autocast:
+            with autocast(cpu, precision):
                 pred = forward(images, labels, m, feature_ensemble=ensemble, query_only=query_only)
                 return pred if task != "train2" else net.loss(pred, labels, m)
 
