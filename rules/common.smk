@@ -17,8 +17,9 @@ CFG = fc.check_config(config)
 
 ORDER = CFG["overlay"]["order"]
 
-# Library modules behind each stage: their source digest is a param, so a library change reruns what it touches.
-CODE = {stage: fc.source_digest(modules) for stage, modules in fc.STAGE_MODULES.items()}
+# Library modules behind each stage (read from the import graph): their source digest is a param, so a library
+# change reruns what it touches.
+CODE = fc.stage_digests()
 
 
 wildcard_constraints:
