@@ -1,6 +1,9 @@
 """The fewseg import graph, read from the source: one-way, and the source of each stage's code digest."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,12 @@ def test_editing_a_module_that_inference_imports_reruns_inference(tmp_path):
     model_config.write_text(model_config.read_text() + "\n# edited\n")
     after = stage_digests(copy)
     assert {kind for kind in before if before[kind] != after[kind]} == {"train", "infer"}
+
+
+def test_the_snakefile_and_the_stages_import_no_torch():
+    """config.py (read by the Snakefile) and stages.py (before a job sets its threads) stay torch-free."""
+    code = "import sys, fewseg.config, fewseg.stages; fewseg.config.stage_digests(); print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
