@@ -77,13 +77,16 @@ def _inputs(batch: int, shared_query: bool, seed: int = 0):
 
 
 def _train_mask(batch: int, seed: int = 1):
+    import numpy as np
     import torch
 
-    from fewseg.model import PRESETS, random_mask
+    from fewseg.data import random_patches
+    from fewseg.model import PRESETS
 
     config = PRESETS["vit_large"]  # only the canvas (896 x 448) and patch size (16) matter here
     assert config.canvas_size == CANVAS
-    return random_mask(config, batch, 0.75, generator=torch.Generator().manual_seed(seed))
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.stack([random_patches(config.grid_size, 0.75, rng) for _ in range(batch)]))
 
 
 class _PeakRSS:
@@ -135,14 +138,14 @@ def _build(impl: str, model: str, weights: Path, train: bool):
 
 def _step_fn(impl: str, net, task: str, precision: str, compile_: bool, query_only: bool = False):
     """A zero-argument callable doing one unit of the task; returns the predicted canvas (or None)."""
-    import contextlib
-
     import torch
+
+    from fewseg.runtime import autocast
 
     batch = {"fwd1": 1, "fwd8": 8, "train2": 2}[task]
     ensemble = task == "fwd8"
     query, prompt, mask, label = _inputs(batch, shared_query=ensemble)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    cpu = torch.device("cpu")
     if impl == "ref":
         if task == "train2":
             bool_mask = _train_mask(batch)
@@ -154,20 +157,20 @@ def _step_fn(impl: str, net, task: str, precision: str, compile_: bool, query_on
         forward = torch.compile(net) if compile_ else net
 
         def run():
-            with autocast:
+            with autocast(cpu, precision):
                 out = forward(**kwargs)
             return out.pred_masks if task != "train2" else out.loss
 
     else:
-        from fewseg.model import query_half_mask
+        from fewseg.data import query_half_patches
 
         images = torch.cat((prompt, query), dim=2)
         labels = torch.cat((mask, label if task == "train2" else mask), dim=2)
-        m = _train_mask(batch) if task == "train2" else query_half_mask(net.config)
+        m = _train_mask(batch) if task == "train2" else torch.from_numpy(query_half_patches(net.config.grid_size))[None]
         forward = torch.compile(net) if compile_ else net
 
         def run():
-            with autocast:
+            with autocast(cpu, precision):
                 pred = forward(images, labels, m, feature_ensemble=ensemble, query_only=query_only)
                 return pred if task != "train2" else net.loss(pred, labels, m)
 

@@ -19,6 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from fewseg.imports import entry_closures
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = PACKAGE_DIR / "schemas" / "config.schema.yaml"
 
@@ -459,25 +461,37 @@ def evaluation_settings(config: dict) -> dict:
     }
 
 
-# The fewseg modules each kind of job runs: their source digest is a rule param, so editing one reruns those jobs.
-STAGE_MODULES: dict[str, list[str]] = {
-    "demo": ["demo", "io", "stages"],
-    "validate": ["validate", "convert", "io", "palette", "stages"],
-    "convert": ["convert", "io", "palette", "stages"],
-    "mapping": ["mapping", "io", "stages"],
-    "train": ["train", "data", "model", "model_config", "prompt", "palette", "schedule", "checkpoints", "metrics",
-              "weights", "distributed", "io", "stages"],
-    "infer": ["infer", "data", "model", "model_config", "palette", "checkpoints", "io", "stages"],
-    "overlay": ["overlay", "io", "stages"],
-    "submission": ["submission", "metrics", "io", "stages"],
-}  # fmt: skip
+# The stages.py functions behind each kind of job; the modules they run are read from the import graph.
+STAGE_ENTRY_POINTS: dict[str, tuple[str, ...]] = {
+    "demo": ("make_demo_dataset",),
+    "validate": ("validate_dataset",),
+    "convert": ("convert_train_masks", "split_support"),
+    "mapping": ("embed_tiles", "rank_prompts"),
+    "train": ("train_base", "train_prompt"),
+    "infer": ("infer_base", "infer_novel"),
+    "overlay": ("overlay_step",),
+    "submission": ("make_submission", "evaluate", "job_statistics"),
+}
+# Every job runs its stage through this one.
+STAGE_RUNNER = "run_stage"
 
 
-def source_digest(modules: Iterable[str]) -> str:
+def stage_modules(package_dir: str | os.PathLike = PACKAGE_DIR) -> dict[str, list[str]]:
+    """The fewseg modules each kind of job runs: the stages' functions and all that they import, transitively."""
+    entries = {kind: (STAGE_RUNNER, *functions) for kind, functions in STAGE_ENTRY_POINTS.items()}
+    return {kind: sorted(modules) for kind, modules in entry_closures("stages", entries, package_dir).items()}
+
+
+def source_digest(modules: Iterable[str], package_dir: str | os.PathLike = PACKAGE_DIR) -> str:
     """Digest of fewseg modules' source, so that a library change reruns the jobs that run that code."""
     h = hashlib.sha256()
     for name in sorted(set(modules)):
-        path = PACKAGE_DIR / f"{name}.py"
+        path = Path(package_dir) / f"{name}.py"
         h.update(name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def stage_digests(package_dir: str | os.PathLike = PACKAGE_DIR) -> dict[str, str]:
+    """Per kind of job, the digest of the modules it runs: a rule param, so editing one reruns those jobs."""
+    return {kind: source_digest(modules, package_dir) for kind, modules in stage_modules(package_dir).items()}

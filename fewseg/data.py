@@ -128,6 +128,10 @@ def flip(arrays: Sequence[np.ndarray], horizontal: bool, vertical: bool) -> list
 
 
 def query_half_patches(grid: tuple[int, int]) -> np.ndarray:
+    """Inference mask over a canvas's (rows, cols) patch grid: the query half is masked, the prompt half kept.
+
+    The one definition of the model's masks: ``torch.from_numpy(mask)[None]`` is a batch-1 mask of the model.
+    """
     rows, cols = grid
     mask = np.zeros((rows, cols), dtype=bool)
     mask[rows // 2 :] = True
@@ -135,6 +139,9 @@ def query_half_patches(grid: tuple[int, int]) -> np.ndarray:
 
 
 def random_patches(grid: tuple[int, int], ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Training mask: round(ratio * patches) patches, drawn uniformly over the whole canvas with ``rng``."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio must lie in [0, 1], got {ratio}")
     n = grid[0] * grid[1]
     mask = np.zeros(n, dtype=bool)
     mask[rng.permutation(n)[: int(round(ratio * n))]] = True

@@ -1,10 +1,13 @@
-"""Data-parallel base training: one process per GPU (NCCL), or gloo processes on CPU, started by torchrun.
+"""Launcher of data-parallel base training: one process per GPU (NCCL), or gloo processes on CPU, under torchrun.
 
 The workflow job stays one Snakemake job: :func:`launch_train_base` writes the job's arguments to a file and runs
 ``python -m torch.distributed.run --standalone --nproc_per_node N -m fewseg.distributed SPEC``; every rank calls
 :func:`fewseg.train.train_base`, which splits each step's global batch over the ranks and sums gradients in one
 all-reduce, and rank 0 alone writes checkpoints and outputs. Killing the job kills torchrun and its workers (same
 process group); a rerun resumes from rank 0's last checkpoint like a single-process run.
+
+The collectives the ranks call during training live in :mod:`fewseg.collectives`, so that training does not import
+its own launcher.
 """
 
 from __future__ import annotations
@@ -21,35 +24,6 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("fewseg.distributed")
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks in place (a no-op in a single process)."""
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients of every rank, flattened into one buffer (one collective per step, as DDP buckets do).
-
-    Done once after gradient accumulation, so accumulation needs no ``no_sync``. Parameters without a gradient
-    (the instance type token) have none on every rank alike and stay untouched, as in one process.
-    """
-    if rank_and_world()[1] == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    for g, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-        g.copy_(summed.view_as(g))
 
 
 def launch_train_base(processes: int, job: dict[str, Any], spec_dir: str | os.PathLike, log_handle=None) -> dict:
@@ -81,7 +55,8 @@ def launch_train_base(processes: int, job: dict[str, Any], spec_dir: str | os.Pa
 
 def _worker(spec_path: str) -> None:
     from fewseg.allocator import keep_freed_memory
-    from fewseg.stages import _LogStream
+    from fewseg.collectives import rank_and_world
+    from fewseg.runtime import LogStream
     from fewseg.train import train_base
 
     keep_freed_memory()
@@ -102,7 +77,7 @@ def _worker(spec_path: str) -> None:
     try:
         result = train_base(
             job["tiles"], job["out_model"], job["out_history"], job["out_plot"], job["checkpoint_dir"],
-            job["settings"], progress_stream=_LogStream(sys.stderr) if rank == 0 else None,
+            job["settings"], progress_stream=LogStream(sys.stderr) if rank == 0 else None,
         )  # fmt: skip
         if rank == 0:
             Path(job["result"]).write_text(json.dumps(result, default=str))

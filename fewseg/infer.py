@@ -1,13 +1,13 @@
-"""Inference (SPEC section 7): tiled base prediction with a prompt ensemble and seam repair, and novel classes
-under their learned prompts.
+"""Inference (SPEC section 7): tiled prediction under a prompt ensemble, with seam repair.
 
+Base classes and novel classes take one path, :func:`predict_tiled`: base classes with the ensemble of every tile
+of the top-k train tiles and the class palette, a novel class with its one learned prompt and the binary palette.
 Geometry lives in small pure functions (tile boxes, seam crops, seam bands) so it can be tested on arrays with
 known answers; the model is only called through :func:`predict_canvases`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ import torch
 from fewseg.data import resize_image, resize_nearest
 from fewseg.model import SegGPT
 from fewseg.palette import BINARY_PALETTE, decode_canvas, to_tensor
+from fewseg.runtime import autocast
 
 log = logging.getLogger("fewseg.infer")
 
@@ -107,81 +108,89 @@ def prompt_halves(prompts: Sequence[BasePrompt], grid: int, tile: tuple[int, int
 # Model calls
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """The prompt halves of a feature ensemble, normalised, and the palette that decodes its predictions.
+
+    Base classes bring every tile of the top-k train tiles (k canvases per query tile, class colours); a novel
+    class brings its one learned prompt (k = 1, the binary palette). Both then run the same code.
+    """
+
+    images: torch.Tensor  # (k, 3, h, w)
+    labels: torch.Tensor  # (k, 3, h, w)
+    palette: np.ndarray
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device) -> Prompts:
+        return Prompts(self.images.detach().to(device), self.labels.detach().to(device), self.palette)
+
+
 @torch.inference_mode()
 def predict_canvases(
     model: SegGPT,
-    images: np.ndarray,
-    labels: np.ndarray,
+    images: torch.Tensor,
+    labels: torch.Tensor,
     mask: np.ndarray,
     *,
     ensemble: int,
     device: torch.device,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """Query halves (B, 3, h, w) predicted for uint8 canvases (B, 2h, w, 3).
+    """Query halves (B, 3, h, w) predicted for normalised canvases (B, 3, 2h, w).
 
     ``mask`` is (num_patches,) or (B, num_patches); ``ensemble`` is the number of consecutive canvases that share
     one query image and are feature-ensembled (0 or 1: none).
     """
-    x = to_tensor(images).to(device)
-    y = to_tensor(labels).to(device)
     m = torch.from_numpy(np.atleast_2d(mask)).to(device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    with ctx:
-        return model(x, y, m, feature_ensemble=ensemble if ensemble > 1 else False, query_only=True).float()
+    with autocast(device, precision):
+        return model(
+            images.to(device), labels.to(device), m, feature_ensemble=ensemble if ensemble > 1 else False,
+            query_only=True,
+        ).float()  # fmt: skip
 
 
+@torch.inference_mode()
 def predict_ensembled(
     model: SegGPT,
     queries: Sequence[np.ndarray],
-    lowers: Sequence[np.ndarray | None],
+    lowers: Sequence[np.ndarray] | None,
     masks: Sequence[np.ndarray],
-    prompt_imgs: Sequence[np.ndarray],
-    prompt_masks: Sequence[np.ndarray],
-    palette: np.ndarray,
+    prompts: Prompts,
     *,
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
 ) -> list[np.ndarray]:
-    """Class ids of each query tile under the feature ensemble of all prompt pairs.
+    """Class ids of each query tile under the feature ensemble of all prompt canvases.
 
-    Query tile i is paired with every prompt pair (k canvases); its label half is ``lowers[i]`` (first-pass
-    colours for seam repair) or the prompt's own mask (ignored: fully masked), and ``masks[i]`` its query-half
-    patch mask. As many query tiles as fit in ``batch_size`` canvases share one forward (at least one).
+    Query tile i is paired with every prompt (k canvases); its label half is ``lowers[i]`` (first-pass colours
+    for seam repair) or, with ``lowers`` None, blank (the whole query half is masked, so its content is never
+    read), and ``masks[i]`` its query-half patch mask. As many query tiles as fit in ``batch_size`` canvases share
+    one forward (at least one).
     """
-    k = len(prompt_imgs)
+    prompts = prompts.to(device)
+    k = len(prompts)
     per_forward = max(1, batch_size // k)
     out: list[np.ndarray] = []
     for start in range(0, len(queries), per_forward):
         idx = range(start, min(start + per_forward, len(queries)))
-        images = np.stack([np.concatenate([pi, queries[i]]) for i in idx for pi in prompt_imgs])
-        labels = np.stack(
-            [np.concatenate([pm, pm if lowers[i] is None else lowers[i]]) for i in idx for pm in prompt_masks]
-        )
+        q = to_tensor(np.stack([queries[i] for i in idx])).to(device)
+        lower = torch.zeros_like(q) if lowers is None else to_tensor(np.stack([lowers[i] for i in idx])).to(device)
+        n = len(idx)  # canvas i * k + j: query tile i under prompt j
+        images = torch.cat([prompts.images.repeat(n, 1, 1, 1), q.repeat_interleave(k, dim=0)], dim=2)
+        labels = torch.cat([prompts.labels.repeat(n, 1, 1, 1), lower.repeat_interleave(k, dim=0)], dim=2)
         mask = np.stack([canvas_mask(masks[i]) for i in idx for _ in range(k)])
         pred = predict_canvases(model, images, labels, mask, ensemble=k, device=device, precision=precision)
-        out.extend(decode_canvas(pred[::k], palette))  # every canvas of a group holds the same query half
+        out.extend(decode_canvas(pred[::k], prompts.palette))  # every canvas of a group holds the same query half
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Base classes
-
-
-@dataclass
-class BasePrompt:
-    """A prompt train tile at the working size: its image and its colour mask."""
-
-    image: np.ndarray
-    mask_rgb: np.ndarray
-
-
-def predict_base(
+def predict_tiled(
     model: SegGPT,
     query: np.ndarray,
-    prompts: Sequence[BasePrompt],
-    palette: np.ndarray,
+    prompts: Prompts,
     *,
     working_size: int,
     grid: int,
@@ -191,26 +200,25 @@ def predict_base(
     batch_size: int = 8,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Base-class ids for one query image at its own size."""
+    """Class ids (palette indices) of one query image at its own size: a grid x grid tiling at the working size,
+    each tile under the prompt ensemble, then optional seam repair (SPEC section 7)."""
     cfg = model.config
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
     work = resize_image(query, working_size)
-    prompt_imgs, prompt_masks = prompt_halves(prompts, grid, (h, w))
     whole = np.ones((patches, w // cfg.patch_size), dtype=bool)
     boxes = tile_boxes(working_size, grid)
     tiles = [resize_image(work[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
     ids = np.zeros((working_size, working_size), dtype=np.uint8)
     predicted = predict_ensembled(
-        model, tiles, [None] * len(tiles), [whole] * len(tiles), prompt_imgs, prompt_masks, palette,
-        batch_size=batch_size, device=device, precision=precision,
-    )  # fmt: skip
+        model, tiles, None, [whole] * len(tiles), prompts, batch_size=batch_size, device=device, precision=precision
+    )
     for (y0, x0, y1, x1), tile_ids in zip(boxes, predicted, strict=True):
         ids[y0:y1, x0:x1] = resize_nearest(tile_ids, (y1 - y0, x1 - x0))
     if seam_repair and grid > 1:
         ids = repair_seams(
-            model, work, ids, prompt_imgs, prompt_masks, palette, grid=grid, band=seam_band, device=device,
-            batch_size=batch_size, precision=precision,
+            model, work, ids, prompts, grid=grid, band=seam_band, device=device, batch_size=batch_size,
+            precision=precision,
         )  # fmt: skip
     return resize_nearest(ids, query.shape[:2])
 
@@ -219,9 +227,7 @@ def repair_seams(
     model: SegGPT,
     work: np.ndarray,
     ids: np.ndarray,
-    prompt_imgs: Sequence[np.ndarray],
-    prompt_masks: Sequence[np.ndarray],
-    palette: np.ndarray,
+    prompts: Prompts,
     *,
     grid: int,
     band: int,
@@ -236,7 +242,7 @@ def repair_seams(
     cfg = model.config
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
-    colours = palette[ids]
+    colours = prompts.palette[ids]
     crops = seam_crops(ids.shape[0], grid, patches, band)
     queries, lowers, masks = [], [], []
     for crop in crops:
@@ -245,9 +251,8 @@ def repair_seams(
         lowers.append(resize_nearest(colours[y0:y1, x0:x1], (h, w)))
         masks.append(band_mask(crop, patches))
     predicted = predict_ensembled(
-        model, queries, lowers, masks, prompt_imgs, prompt_masks, palette, batch_size=batch_size, device=device,
-        precision=precision,
-    )  # fmt: skip
+        model, queries, lowers, masks, prompts, batch_size=batch_size, device=device, precision=precision
+    )
     return paste_bands(ids, crops, masks, predicted)
 
 
@@ -267,7 +272,52 @@ def paste_bands(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Base classes
+
+
+@dataclass
+class BasePrompt:
+    """A prompt train tile at the working size: its image and its colour mask."""
+
+    image: np.ndarray
+    mask_rgb: np.ndarray
+
+
+def base_prompts(prompts: Sequence[BasePrompt], grid: int, tile: tuple[int, int], palette: np.ndarray) -> Prompts:
+    """The ensemble of every tile of every prompt train tile, decoded with the base classes' palette."""
+    images, masks = prompt_halves(prompts, grid, tile)
+    return Prompts(to_tensor(np.stack(images)), to_tensor(np.stack(masks)), palette)
+
+
+def predict_base(
+    model: SegGPT,
+    query: np.ndarray,
+    prompts: Sequence[BasePrompt],
+    palette: np.ndarray,
+    *,
+    working_size: int,
+    grid: int,
+    seam_repair: bool,
+    seam_band: int,
+    device: torch.device,
+    batch_size: int = 8,
+    precision: str = "fp32",
+) -> np.ndarray:
+    """Base-class ids for one query image at its own size."""
+    ensemble = base_prompts(prompts, grid, model.config.tile_size, palette)
+    return predict_tiled(
+        model, query, ensemble, working_size=working_size, grid=grid, seam_repair=seam_repair, seam_band=seam_band,
+        device=device, batch_size=batch_size, precision=precision,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Novel classes
+
+
+def novel_prompts(prompt_image: torch.Tensor, prompt_label: torch.Tensor) -> Prompts:
+    """A learned prompt (1, 3, h, w) pair as a one-canvas ensemble, decoded with the binary palette."""
+    return Prompts(prompt_image, prompt_label, BINARY_PALETTE)
 
 
 def predict_novel(
@@ -285,45 +335,7 @@ def predict_novel(
     precision: str = "fp32",
 ) -> np.ndarray:
     """Binary mask (H, W) of one novel class under its learned prompt, at the query's own size."""
-    cfg = model.config
-    h, w = cfg.tile_size
-    patches = h // cfg.patch_size
-    work = resize_image(query, working_size)
-    p_img = prompt_image.to(device)
-    p_lab = prompt_label.to(device)
-    boxes = tile_boxes(working_size, grid)
-    whole = np.ones((patches, w // cfg.patch_size), dtype=bool)
-    tiles = [resize_image(work[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
-    predicted = _novel_predict(model, tiles, None, [whole] * len(tiles), p_img, p_lab, batch_size, device, precision)
-    mask = np.zeros((working_size, working_size), dtype=np.uint8)
-    for (y0, x0, y1, x1), m in zip(boxes, predicted, strict=True):
-        mask[y0:y1, x0:x1] = resize_nearest(m, (y1 - y0, x1 - x0))
-    if seam_repair and grid > 1:
-        crops = seam_crops(working_size, grid, patches, band=seam_band)
-        colours = BINARY_PALETTE[mask]
-        boxes = [c.box for c in crops]
-        queries = [resize_image(work[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
-        lowers = [resize_nearest(colours[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
-        masks = [band_mask(crop, patches) for crop in crops]
-        predicted = _novel_predict(model, queries, lowers, masks, p_img, p_lab, batch_size, device, precision)
-        mask = paste_bands(mask, crops, masks, predicted)
-    return resize_nearest(mask, query.shape[:2])
-
-
-@torch.inference_mode()
-def _novel_predict(model, tiles, lowers, masks, p_img, p_lab, batch_size, device, precision) -> list[np.ndarray]:
-    """Binary masks of query tiles under one learned prompt, ``batch_size`` tiles per forward."""
-    out: list[np.ndarray] = []
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    for start in range(0, len(tiles), batch_size):
-        stop = min(start + batch_size, len(tiles))
-        q = to_tensor(np.stack(tiles[start:stop])).to(device)
-        lower = torch.zeros_like(q) if lowers is None else to_tensor(np.stack(lowers[start:stop])).to(device)
-        b = q.shape[0]
-        images = torch.cat([p_img.expand(b, -1, -1, -1), q], dim=2)
-        labels = torch.cat([p_lab.expand(b, -1, -1, -1), lower], dim=2)
-        m = torch.from_numpy(np.stack([canvas_mask(x) for x in masks[start:stop]])).to(device)
-        with ctx:
-            pred = model(images, labels, m, query_only=True).float()
-        out.extend(decode_canvas(pred, BINARY_PALETTE))
-    return out
+    return predict_tiled(
+        model, query, novel_prompts(prompt_image, prompt_label), working_size=working_size, grid=grid,
+        seam_repair=seam_repair, seam_band=seam_band, device=device, batch_size=batch_size, precision=precision,
+    )  # fmt: skip

@@ -30,8 +30,6 @@ __all__ = [
     "build_model",
     "count_parameters",
     "fingerprint",
-    "query_half_mask",
-    "random_mask",
 ]
 
 EMBEDDING_TYPES = ("semantic", "instance")
@@ -53,17 +51,6 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
     relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
     return rel_pos[relative_coords.long()]
-
-
-def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
-    """Additive attention bias (B, heads, N, N) of decomposed relative positions (MViTv2 / SAM).
-
-    Computed from the unscaled query, to be added to the scaled logits q.k * scale. Materialises the whole
-    bias: the model itself adds it in row blocks (:func:`rel_pos_terms`); this form is the reference for tests.
-    """
-    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]
-    return bias.reshape(*q.shape[:-2], q.shape[-2], -1)
 
 
 def rel_pos_terms(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -241,13 +228,6 @@ class SegGPT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def no_weight_decay(self) -> set[str]:
-        """Names of embedding tables that optimisers conventionally exclude from weight decay."""
-        names = {"mask_token", "segment_token_x", "segment_token_y", "type_token_cls", "type_token_ins", "pos_embed"}
-        for i in range(len(self.blocks)):
-            names |= {f"blocks.{i}.attn.rel_pos_h", f"blocks.{i}.attn.rel_pos_w"}
-        return names
-
     def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
         pos = self.pos_embed[:, 1:]
         g = math.isqrt(pos.shape[1])
@@ -348,7 +328,8 @@ class SegGPT(nn.Module):
     ) -> Tensor:
         """images, labels: (B, 3, 2h, w) canvases, ImageNet-normalised; prompt half on top, query half below.
 
-        mask: bool (B or 1, num_patches), True = that label-canvas patch is replaced by the learned mask token.
+        mask: bool (B or 1, num_patches), True = that label-canvas patch is replaced by the learned mask token
+        (:func:`fewseg.data.query_half_patches` for inference, :func:`fewseg.data.random_patches` for training).
         feature_ensemble: average the query half over the batch (B prompts for one query image), or with an int k
         over each consecutive group of k items (B / k query images with k prompts each).
         Returns the predicted label canvas (B, 3, 2h, w) in normalised space, or with ``query_only`` just its
@@ -370,31 +351,6 @@ class SegGPT(nn.Module):
         m = m.expand(b, c, h, w).to(torch.float32)
         err = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=self.config.loss_beta)
         return (err * m).sum() / m.sum().clamp_min(1.0)
-
-
-def query_half_mask(config: SegGPTConfig, batch: int = 1, device: torch.device | str | None = None) -> Tensor:
-    """Inference mask: the whole query half of the label canvas is masked, the prompt half is kept."""
-    n = config.num_patches
-    mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
-    mask[:, n // 2 :] = True
-    return mask
-
-
-def random_mask(
-    config: SegGPTConfig,
-    batch: int,
-    ratio: float,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Training mask: round(ratio * num_patches) patches per item, chosen uniformly over the whole canvas."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"mask ratio must lie in [0, 1], got {ratio}")
-    n = config.num_patches
-    k = round(ratio * n)
-    noise = torch.rand(batch, n, generator=generator)
-    ranks = noise.argsort(dim=1).argsort(dim=1)
-    return (ranks < k).to(device)
 
 
 def build_model(preset_or_config: str | SegGPTConfig, **overrides: Any) -> SegGPT:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fewseg.model import SegGPT, query_half_mask
+from fewseg.data import query_half_patches
+from fewseg.model import SegGPT
 
 
 def crop_windows(size: int, crop_size: int, max_crop_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -43,5 +44,5 @@ class LearnablePrompt(nn.Module):
     def forward(self, model: SegGPT, query: torch.Tensor) -> torch.Tensor:
         """Predicted label canvas for the queries; the loss is taken on the query half only."""
         images, labels = self.canvases(query)
-        mask = query_half_mask(model.config, batch=1).to(query.device)
+        mask = torch.from_numpy(query_half_patches(model.config.grid_size))[None].to(query.device)
         return model(images, labels, mask)

@@ -22,6 +22,7 @@ import numpy as np
 from fewseg.config import ConfigError
 from fewseg.io import InputError, atomic_dir, read_georef, read_image, read_json, read_label, write_geotiff, write_json
 from fewseg.io import write_png as _write_png
+from fewseg.runtime import LogStream as _LogStream
 
 log = logging.getLogger("fewseg")
 
@@ -31,22 +32,6 @@ NOVEL_PREVIEW = [(255, 128, 0), (128, 0, 255), (0, 128, 0), (128, 128, 128), (0,
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running a stage
-
-
-class _LogStream:
-    """File-like sink for tqdm that writes each refresh as a line of the job's log."""
-
-    def __init__(self, handle):
-        self.handle = handle
-
-    def write(self, text: str) -> None:
-        text = text.replace("\r", "\n").strip("\n")
-        if text.strip():
-            self.handle.write(text + "\n")
-            self.handle.flush()
-
-    def flush(self) -> None:
-        self.handle.flush()
 
 
 def run_stage(smk: Any, stage: Callable[..., Any]) -> None:
@@ -285,7 +270,7 @@ def write_prediction(out_dir: Path, query: dict, ids: np.ndarray, image: np.ndar
 
 def _model_and_device(model_path: str, runtime: dict):
     from fewseg.checkpoints import load_base_model
-    from fewseg.train import pick_device
+    from fewseg.runtime import pick_device
 
     device = pick_device(runtime["device"])
     model, meta = load_base_model(model_path)

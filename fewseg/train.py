@@ -7,7 +7,6 @@ on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -40,6 +39,7 @@ from fewseg.metrics import ConfusionMatrix
 from fewseg.model import SegGPT, build_model
 from fewseg.palette import BINARY_PALETTE, as_palette, decode_canvas, to_tensor
 from fewseg.prompt import LearnablePrompt, crop_windows
+from fewseg.runtime import autocast, pick_device
 from fewseg.schedule import lr_at, set_lr
 
 log = logging.getLogger("fewseg.train")
@@ -47,21 +47,6 @@ log = logging.getLogger("fewseg.train")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared helpers
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime/device is 'cuda' but no CUDA device is visible")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast where asked; fp32 otherwise."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def settings_digest(settings: dict, extra: str = "") -> str:
@@ -196,7 +181,7 @@ def train_base(
     the whole step, so the result does not depend on the number of processes (up to summation order).
     The checkpoint folder keeps ``best.pt`` (held-out mIoU) and ``last.pt`` (final step) beside the output.
     """
-    from fewseg.distributed import all_reduce_grads, all_reduce_sum, rank_and_world
+    from fewseg.collectives import all_reduce_grads, all_reduce_sum, rank_and_world
 
     t = settings["training"]
     seed = settings["seed"]

@@ -32,8 +32,9 @@ onstart:
         sys.exit(f"fewseg error: {err}")
 
 
-# Library modules behind each stage: their source digest is a param, so a library change reruns what it touches.
-CODE = {stage: fc.source_digest(modules) for stage, modules in fc.STAGE_MODULES.items()}
+# Library modules behind each stage (read from the import graph): their source digest is a param, so a library
+# change reruns what it touches.
+CODE = fc.stage_digests()
 
 
 wildcard_constraints:

@@ -80,8 +80,8 @@ def test_gradient_accumulation_equals_the_full_batch(tiles, tmp_path):
 
 
 def test_batch_must_split_over_the_processes(tiles, tmp_path, monkeypatch):
-    import fewseg.distributed
+    import fewseg.collectives
 
-    monkeypatch.setattr(fewseg.distributed, "rank_and_world", lambda: (0, 2))  # as rank 0 of 2
+    monkeypatch.setattr(fewseg.collectives, "rank_and_world", lambda: (0, 2))  # as rank 0 of 2
     with pytest.raises(ValueError, match="batch_size 3 does not split over 2 processes"):
         _train(tiles, tmp_path, "odd", batch_size=3)

@@ -3,17 +3,21 @@
 import numpy as np
 import torch
 
+from fewseg.data import resize_image, resize_nearest
 from fewseg.infer import (
     BasePrompt,
+    Prompts,
     band_mask,
     canvas_mask,
     predict_base,
+    predict_ensembled,
     predict_novel,
     prompt_pairs,
     seam_crops,
     tile_boxes,
 )
 from fewseg.model import build_model
+from fewseg.palette import BINARY_PALETTE, to_tensor
 
 
 def test_tile_boxes_cover_the_map_once():
@@ -59,6 +63,14 @@ def test_ensemble_pairs_query_tile_with_every_tile_of_top_k_prompts():
 def _micro():
     torch.manual_seed(0)
     return build_model("micro").eval()
+
+
+def _loud_micro():
+    """A random micro model paints near-constant binary maps; a louder output layer gives maps with structure."""
+    model = _micro()
+    with torch.no_grad():
+        model.decoder_pred[3].weight.mul_(300.0)
+    return model
 
 
 def test_base_prediction_comes_back_at_the_query_size():
@@ -126,7 +138,7 @@ def test_seam_repair_changes_only_the_bands():
 
 
 def test_batched_novel_inference_equals_one_tile_per_forward():
-    model = _micro()
+    model = _loud_micro()
     query = np.random.default_rng(4).integers(0, 255, (96, 96, 3), dtype=np.uint8)
     h, w = model.config.tile_size
     g = torch.Generator().manual_seed(0)
@@ -135,3 +147,50 @@ def test_batched_novel_inference_equals_one_tile_per_forward():
     one = predict_novel(model, query, p_img, p_lab, batch_size=1, **kwargs)
     many = predict_novel(model, query, p_img, p_lab, batch_size=16, **kwargs)
     assert np.array_equal(one, many)
+    assert 0 < many.mean() < 1  # both classes present: the comparison has teeth
+
+
+def test_a_novel_class_is_a_one_prompt_ensemble_with_the_binary_palette():
+    """A learned prompt that happens to be an image and a black/white mask predicts what that base prompt does."""
+    model = _loud_micro()
+    rng = np.random.default_rng(5)
+    query = rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)
+    image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    mask_rgb = BINARY_PALETTE[rng.integers(0, 2, (6, 6)).repeat(16, 0).repeat(16, 1)]
+    tile = model.config.tile_size
+    kwargs = dict(working_size=96, grid=1, seam_repair=False, seam_band=1, device=torch.device("cpu"), batch_size=4)
+    base = predict_base(model, query, [BasePrompt(image, mask_rgb)], BINARY_PALETTE, **kwargs)
+    novel = predict_novel(
+        model, query, to_tensor(resize_image(image, tile)), to_tensor(resize_nearest(mask_rgb, tile)), **kwargs
+    )
+    assert np.array_equal(base, novel)
+    assert 0 < novel.mean() < 1
+
+
+def test_the_label_half_of_a_fully_masked_query_is_never_read():
+    """The first pass leaves the query's label half blank: any content there gives the same prediction."""
+    model = _loud_micro()
+    rng = np.random.default_rng(6)
+    h, w = model.config.tile_size
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+    prompts = Prompts(to_tensor(rng.integers(0, 255, (2, h, w, 3), dtype=np.uint8)),
+                      to_tensor(palette[rng.integers(0, 3, (2, h, w))]), palette)  # fmt: skip
+    queries = list(rng.integers(0, 255, (3, h, w, 3), dtype=np.uint8))
+    lowers = list(palette[rng.integers(0, 3, (3, h, w))])
+    whole = [np.ones((h // model.config.patch_size, w // model.config.patch_size), bool)] * 3
+    kwargs = dict(batch_size=4, device=torch.device("cpu"))
+    blank = predict_ensembled(model, queries, None, whole, prompts, **kwargs)
+    coloured = predict_ensembled(model, queries, lowers, whole, prompts, **kwargs)
+    assert all(np.array_equal(a, b) for a, b in zip(blank, coloured, strict=True))
+    # With the band masks of seam repair the label half is read: the same colours then change the prediction.
+    band = [m.copy() for m in whole]
+    for m in band:
+        m[:, : m.shape[1] // 2] = False
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            predict_ensembled(model, queries, None, band, prompts, **kwargs),
+            predict_ensembled(model, queries, lowers, band, prompts, **kwargs),
+            strict=True,
+        )
+    )

@@ -1,19 +1,14 @@
 """Unit tests for the SegGPT model: shapes, loss masking, feature ensemble, checkpointing, autocast."""
 
+import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from fewseg.model import (
-    PRESETS,
-    SegGPTConfig,
-    build_model,
-    count_parameters,
-    fingerprint,
-    query_half_mask,
-    random_mask,
-)
+from fewseg.data import query_half_patches, random_patches
+from fewseg.model import PRESETS, SegGPTConfig, build_model, count_parameters, fingerprint, get_rel_pos
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,6 +26,15 @@ def _canvases(config: SegGPTConfig, batch: int, seed: int = 0) -> tuple[torch.Te
     return torch.randn(batch, 3, h, w, generator=g), torch.randn(batch, 3, h, w, generator=g)
 
 
+def query_half_mask(config: SegGPTConfig, batch: int = 1) -> torch.Tensor:
+    return torch.from_numpy(query_half_patches(config.grid_size)).repeat(batch, 1)
+
+
+def random_mask(config: SegGPTConfig, batch: int, ratio: float, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.stack([random_patches(config.grid_size, ratio, rng) for _ in range(batch)]))
+
+
 @pytest.fixture(scope="module")
 def micro():
     torch.manual_seed(0)
@@ -45,7 +49,7 @@ def test_forward_shapes(preset):
     images, labels = _canvases(cfg, 2)
     with torch.no_grad():
         pred = model(images, labels, query_half_mask(cfg))
-        pred_b = model(images, labels, random_mask(cfg, 2, 0.5), embedding_type="instance")
+        pred_b = model(images, labels, random_mask(cfg, 2, 0.5, seed=0), embedding_type="instance")
     assert pred.shape == (2, 3, *cfg.canvas_size)
     assert pred_b.shape == pred.shape
     assert torch.isfinite(pred).all()
@@ -94,21 +98,47 @@ def test_parameter_names_follow_painter(micro):
     assert micro.blocks[0].attn.rel_pos_h.abs().sum() == 0  # zero init
 
 
-def test_masks():
+def test_masks_fit_the_canvas_grid():
     cfg = PRESETS["micro"]
     m = query_half_mask(cfg, batch=3)
     assert m.shape == (3, cfg.num_patches) and m.dtype == torch.bool
     assert not m[:, : cfg.num_patches // 2].any() and m[:, cfg.num_patches // 2 :].all()
-    r = random_mask(cfg, 4, 0.7, generator=torch.Generator().manual_seed(1))
+    r = random_mask(cfg, 4, 0.7, seed=1)
     assert r.shape == (4, cfg.num_patches)
     assert (r.sum(1) == round(0.7 * cfg.num_patches)).all()
+    assert not (r == r[:1]).all()  # a fresh draw per item
+    with pytest.raises(ValueError, match="mask ratio"):
+        random_patches(cfg.grid_size, 1.5, np.random.default_rng(0))
+
+
+def test_blocked_attention_equals_the_materialised_decomposed_bias(micro):
+    """Attention with the whole (heads, N, N) bias, as SAM adds it to the logits, equals the row-blocked kernel."""
+    attn = copy.deepcopy(micro.blocks[0].attn)
+    gh, gw = micro.config.grid_size
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(gh * gw, micro.config.embed_dim, generator=g)
+    rel_h, rel_w = torch.randn(attn.rel_pos_h.shape, generator=g), torch.randn(attn.rel_pos_w.shape, generator=g)
+    with torch.no_grad():
+        attn.rel_pos_h.copy_(rel_h)
+        attn.rel_pos_w.copy_(rel_w)
+        got = attn._attend(x, (gh, gw))
+        n, heads = gh * gw, attn.num_heads
+        q, k, v = attn.qkv(x).reshape(n, 3, heads, -1).permute(1, 2, 0, 3).unbind(0)
+        r_q = q.reshape(heads, gh, gw, -1)
+        bias_h = torch.einsum("nhwc,hkc->nhwk", r_q, get_rel_pos(gh, gh, rel_h))
+        bias_w = torch.einsum("nhwc,wkc->nhwk", r_q, get_rel_pos(gw, gw, rel_w))
+        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(heads, n, n)
+        logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias
+        want = (logits.softmax(-1) @ v).transpose(0, 1).reshape(n, -1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, (logits - bias).softmax(-1).matmul(v).transpose(0, 1).reshape(n, -1), atol=1e-3)
 
 
 def test_loss_only_on_masked_patches(micro):
     cfg = micro.config
     p = cfg.patch_size
     images, labels = _canvases(cfg, 2)
-    mask = random_mask(cfg, 2, 0.5, generator=torch.Generator().manual_seed(3))
+    mask = random_mask(cfg, 2, 0.5, seed=3)
     with torch.no_grad():
         pred = micro(images, labels, mask)
     loss = micro.loss(pred, labels, mask)
@@ -182,7 +212,7 @@ def test_blocked_attention_mlp_and_query_decode_are_exact(micro, monkeypatch):
 def test_grad_checkpointing_same_gradients():
     cfg = PRESETS["micro"]
     images, labels = _canvases(cfg, 2)
-    mask = random_mask(cfg, 2, 0.6, generator=torch.Generator().manual_seed(2))
+    mask = random_mask(cfg, 2, 0.6, seed=2)
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)

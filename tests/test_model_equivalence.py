@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import SegGptConfig, SegGptForImageSegmentation
 
-from fewseg.model import PRESETS, SegGPT, query_half_mask
+from fewseg.data import query_half_patches
+from fewseg.model import PRESETS, SegGPT
 from fewseg.weights import (
     WeightsError,
     checkpoint_filter_fn,
@@ -19,6 +20,12 @@ from fewseg.weights import (
     to_hf_state_dict,
     to_painter_state_dict,
 )
+
+
+def query_half_mask(config, batch: int = 1) -> torch.Tensor:
+    """The inference mask as the model takes it: (batch, num_patches) bool."""
+    return torch.from_numpy(query_half_patches(config.grid_size)).repeat(batch, 1)
+
 
 ATOL = 1e-4
 
