@@ -335,6 +335,13 @@ def evaluation_settings(config: dict) -> dict:
     }
 
 
+def pretraining_settings(config: dict) -> dict:
+    """In-context pretraining (fewseg.pretrain): its own section, plus the device to run on."""
+    if "pretraining" not in config:
+        raise ConfigError("pretraining: section missing (see config.yaml for its settings)")
+    return {"pretraining": config["pretraining"], "runtime": config["runtime"]}
+
+
 # The fewseg modules each kind of job runs: their source digest is a rule param, so editing one reruns those jobs.
 STAGE_MODULES: dict[str, list[str]] = {
     "demo": ["demo", "io", "stages"],
