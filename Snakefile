@@ -31,3 +31,6 @@ rule all:
     default_target: True
     input:
         final_targets(),
+
+
+include: "rules/pretrain.smk"
