@@ -259,6 +259,19 @@ def validate(model: SegGPT, episodes: Sequence[dict], batch_size: int, device, p
     return float(np.mean(scores))
 
 
+def prompt_blind_baseline(episodes: Sequence[dict], tile_height: int) -> float | None:
+    """The same mIoU for painting the prompt's most common class over the whole query: the floor to beat."""
+    if not episodes:
+        return None
+    scores = []
+    for sample in episodes:
+        prompt, query = sample["ids"][:tile_height], sample["ids"][tile_height:]
+        cm = ConfusionMatrix(len(sample["palette"]))
+        cm.update(np.full_like(query, np.bincount(prompt.ravel()).argmax()), query)
+        scores.append(float(np.nanmean(cm.iou())))
+    return float(np.mean(scores))
+
+
 def check_settings(settings: dict) -> None:
     """What the schema cannot say: ranges that must be ordered, and a run longer than its warm-up."""
     p = settings["pretraining"]
@@ -335,10 +348,12 @@ def pretrain(
         start, best, history = state["step"], state["best"], state["history"]
         log.info("resuming pretraining at step %d of %d", start, p["steps"])
     val_set = validation_episodes(p, cfg.tile_size, cfg.grid_size)
+    baseline = prompt_blind_baseline(val_set, cfg.tile_size[0])
     log.info(
         "in-context pretraining of %s: %d steps of %d synthetic episodes, %d to %d classes a scene "
-        "(curriculum over %d steps), %d held-out episodes; %d parameters on %s",
-        p["preset"], p["steps"], p["batch_size"], *p["classes"], p["curriculum_steps"], len(val_set),
+        "(curriculum over %d steps), %d held-out episodes (mIoU of painting the prompt's main class: %s); "
+        "%d parameters on %s",
+        p["preset"], p["steps"], p["batch_size"], *p["classes"], p["curriculum_steps"], len(val_set), baseline,
         sum(x.numel() for x in model.parameters()), device,
     )  # fmt: skip
 
@@ -388,7 +403,10 @@ def pretrain(
         log.info("pretraining stopped at step %d of %d; rerun to resume", end, p["steps"])
         return {"stopped_at": end, "seconds": elapsed}
     final = history[-1].get("val_miou") if history else None
-    meta = {"source": "in-context pretraining", "steps": p["steps"], "final_val_miou": final, "best": best}
+    meta = {
+        "source": "in-context pretraining", "steps": p["steps"], "final_val_miou": final, "best": best,
+        "val_baseline_miou": baseline,
+    }  # fmt: skip
     fp = save_pretrained(out_model, model.cpu(), meta, fp16=p["fp16"])
     write_history(out_history, history)
     plot_history(out_plot, history, f"in-context pretraining ({p['preset']})")

@@ -20,6 +20,7 @@ from fewseg.pretrain import (
     curriculum_classes,
     pretrain,
     pretrain_stage,
+    prompt_blind_baseline,
     training_sample,
     validate,
     validation_episodes,
@@ -136,6 +137,13 @@ def test_validation_decodes_with_each_episodes_palette():
     assert validate(_Oracle(), shuffled, 2, torch.device("cpu"), "fp32") < 0.5
 
 
+def test_prompt_blind_baseline_paints_the_main_prompt_class():
+    palette = np.zeros((3, 3), dtype=np.uint8)
+    ids = np.array([[0, 0, 1, 2], [0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 2, 2]], dtype=np.uint8)
+    # prompt rows 0-1: class 0 dominates; query rows 2-3: class 0 on 3 of 8 pixels -> IoU 3/8, classes 1, 2 -> 0
+    assert prompt_blind_baseline([{"ids": ids, "palette": palette}], 2) == pytest.approx((3 / 8 + 0 + 0) / 3)
+
+
 # --- training --------------------------------------------------------------------------------------------------
 
 
@@ -143,6 +151,7 @@ def test_a_few_steps_write_loadable_outputs(tmp_path):
     result = _run(tmp_path, "run", _settings(steps=3))
     out = tmp_path / "run"
     assert np.isfinite(result["final_val_miou"]) and 0.0 <= result["final_val_miou"] <= 1.0
+    assert 0.0 < result["val_baseline_miou"] <= 1.0
     lines = (out / "history.csv").read_text().splitlines()
     assert lines[0].startswith("step,") and len(lines) == 4
     losses = [float(line.split(",")[lines[0].split(",").index("loss")]) for line in lines[1:]]
