@@ -32,3 +32,6 @@ rule all:
     default_target: True
     input:
         final_targets(),
+
+
+include: "rules/pretrain.smk"

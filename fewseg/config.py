@@ -19,14 +19,11 @@ from typing import Any
 import jsonschema
 import yaml
 
-from fewseg.imports import entry_closures
+from fewseg.errors import ConfigError
+from fewseg.imports import closure, entry_closures, import_graph
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = PACKAGE_DIR / "schemas" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any job runs."""
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -461,6 +458,13 @@ def evaluation_settings(config: dict) -> dict:
     }
 
 
+def pretraining_settings(config: dict) -> dict:
+    """In-context pretraining (fewseg.pretrain): its own section, plus the device to run on."""
+    if "pretraining" not in config:
+        raise ConfigError("pretraining: section missing (see config.yaml for its settings)")
+    return {"pretraining": config["pretraining"], "runtime": config["runtime"]}
+
+
 # The stages.py functions behind each kind of job; the modules they run are read from the import graph.
 STAGE_ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "demo": ("make_demo_dataset",),
@@ -474,12 +478,20 @@ STAGE_ENTRY_POINTS: dict[str, tuple[str, ...]] = {
 }
 # Every job runs its stage through this one.
 STAGE_RUNNER = "run_stage"
+# Jobs whose stage function lives in a module of its own: all of that module runs.
+MODULE_STAGES: dict[str, str] = {"pretrain": "pretrain"}
 
 
 def stage_modules(package_dir: str | os.PathLike = PACKAGE_DIR) -> dict[str, list[str]]:
     """The fewseg modules each kind of job runs: the stages' functions and all that they import, transitively."""
     entries = {kind: (STAGE_RUNNER, *functions) for kind, functions in STAGE_ENTRY_POINTS.items()}
-    return {kind: sorted(modules) for kind, modules in entry_closures("stages", entries, package_dir).items()}
+    entries["_runner"] = (STAGE_RUNNER,)
+    found = entry_closures("stages", entries, package_dir)
+    runner = found.pop("_runner")
+    graph = import_graph(package_dir)
+    for kind, module in MODULE_STAGES.items():
+        found[kind] = runner | closure(graph, [module])
+    return {kind: sorted(modules) for kind, modules in found.items()}
 
 
 def source_digest(modules: Iterable[str], package_dir: str | os.PathLike = PACKAGE_DIR) -> str:

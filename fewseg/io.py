@@ -23,6 +23,8 @@ import rasterio
 from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
+from fewseg.errors import InputError
+
 IMAGE_SUFFIXES = (".tif", ".tiff")
 
 
@@ -30,15 +32,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-class InputError(ValueError):
-    """Bad input data: the message names the file and the problem."""
-
-    def __init__(self, path: str | os.PathLike | None, problem: str):
-        self.path = None if path is None else str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fewseg.config import ConfigError
+from fewseg.errors import ConfigError
 from fewseg.io import InputError, atomic_path, read_image
 
 log = logging.getLogger("fewseg.mapping")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fewseg.config import ConfigError
+from fewseg.errors import ConfigError
 from fewseg.io import InputError, atomic_dir, read_georef, read_image, read_json, read_label, write_geotiff, write_json
 from fewseg.io import write_png as _write_png
 from fewseg.runtime import LogStream as _LogStream

@@ -299,6 +299,9 @@ def load_pretrained(path: str | Path, *, config: SegGPTConfig | None = None, **o
     """
     path = Path(path)
     state = _read(path)
+    if config is None and isinstance(state, Mapping) and state.get("format") == "fewseg-base-model":
+        # fewseg's own model files record the architecture, including what the tensors cannot tell.
+        config = SegGPTConfig.from_dict(state["config"])
     try:
         if config is None:
             detect_format(state)
