@@ -19,6 +19,7 @@ from typing import Any
 
 from fewseg.config import PACKAGE_DIR, ConfigError, check_config, load_yaml
 from fewseg.io import IMAGE_SUFFIXES, InputError
+from fewseg.weights import WeightsError
 
 DEFAULT_CONFIG = PACKAGE_DIR.parent / "config.yaml"
 LABEL_SUFFIXES = (*IMAGE_SUFFIXES, ".png")
@@ -303,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return int(args.func(args))
-    except (CommandError, InputError, ConfigError, FileNotFoundError, ValueError, OSError) as err:
+    except (CommandError, InputError, ConfigError, WeightsError, OSError) as err:  # a bug keeps its traceback
         print(f"fewseg {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
 

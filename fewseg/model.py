@@ -237,6 +237,13 @@ class SegGPT(nn.Module):
             pos = pos.permute(0, 2, 3, 1)
         return pos
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of embedding tables that optimisers conventionally exclude from weight decay (used by pretraining)."""
+        names = {"mask_token", "segment_token_x", "segment_token_y", "type_token_cls", "type_token_ins", "pos_embed"}
+        for i in range(len(self.blocks)):
+            names |= {f"blocks.{i}.attn.rel_pos_h", f"blocks.{i}.attn.rel_pos_w"}
+        return names
+
     def embed(self, images: Tensor, labels: Tensor, mask: Tensor, embedding_type: str = "semantic") -> Tensor:
         """Token grids of both streams, stacked as [image stream; label stream] on the batch axis."""
         if embedding_type not in EMBEDDING_TYPES:

@@ -29,6 +29,7 @@ import torch
 from fewseg.checkpoints import BASE_FORMAT, FORMAT_VERSION, load_resume, save_torch
 from fewseg.data import blur, query_half_patches, random_patches, resize_image, resize_nearest
 from fewseg.demo import _noise
+from fewseg.errors import ConfigError
 from fewseg.metrics import ConfusionMatrix
 from fewseg.model import SegGPT, build_model, fingerprint
 from fewseg.palette import decode_canvas, random_palette
@@ -276,9 +277,9 @@ def check_settings(settings: dict) -> None:
     p = settings["pretraining"]
     low, high = p["classes"]
     if not 2 <= low <= high:
-        raise ValueError(f"pretraining/classes: [{low}, {high}] must be an increasing range from 2 up")
+        raise ConfigError(f"pretraining/classes: [{low}, {high}] must be an increasing range from 2 up")
     if p["warmup_steps"] >= p["steps"]:
-        raise ValueError(f"pretraining/warmup_steps {p['warmup_steps']} must be below pretraining/steps {p['steps']}")
+        raise ConfigError(f"pretraining/warmup_steps {p['warmup_steps']} must be below pretraining/steps {p['steps']}")
 
 
 def save_pretrained(path: str | os.PathLike, model: SegGPT, meta: dict, fp16: bool = False) -> str:
@@ -324,7 +325,7 @@ def pretrain(
     model = build_model(p["preset"], **(p.get("overrides") or {})).to(device)
     cfg = model.config
     if p["working_size"] < max(cfg.tile_size):
-        raise ValueError(f"pretraining/working_size {p['working_size']} is below the model tile {cfg.tile_size}")
+        raise ConfigError(f"pretraining/working_size {p['working_size']} is below the model tile {cfg.tile_size}")
     no_decay_names = model.no_weight_decay()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -384,7 +385,7 @@ def pretrain(
         done = step + 1
         row = {"step": done, "loss": float(loss.detach()), "lr": lr, "classes": curriculum_classes(step, p)}
         if not math.isfinite(row["loss"]):
-            raise ValueError(f"pretraining diverged at step {done} (loss {row['loss']}): lower pretraining/lr")
+            raise ConfigError(f"pretraining diverged at step {done} (loss {row['loss']}): lower pretraining/lr")
         if done % p["val_every"] == 0 or done == p["steps"]:
             miou = validate(model, val_set, p["batch_size"], device, precision)
             row["val_miou"] = miou

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import fewseg
-from fewseg.config import STAGE_ENTRY_POINTS, stage_digests, stage_modules
+from fewseg.config import MODULE_STAGES, STAGE_ENTRY_POINTS, stage_digests, stage_modules
 from fewseg.imports import entry_closure, find_cycle, import_graph
 
 PACKAGE = Path(fewseg.__file__).resolve().parent
@@ -73,13 +73,14 @@ def test_an_entry_point_runs_its_helpers_imports_but_not_other_entry_points(tmp_
 
 def test_stage_closures_follow_the_imports():
     modules = stage_modules(PACKAGE)
-    assert set(modules) == set(STAGE_ENTRY_POINTS)
+    assert set(modules) == set(STAGE_ENTRY_POINTS) | set(MODULE_STAGES)
     assert all({"stages", "io", "runtime", "allocator"} <= set(m) for m in modules.values())
     assert "runtime" in modules["train"] and "runtime" in modules["infer"]
     assert {"infer", "model", "data", "checkpoints", "model_config"} <= set(modules["infer"])
     assert {"train", "distributed", "collectives", "prompt", "weights"} <= set(modules["train"])
     assert "train" not in modules["infer"] and "infer" not in modules["train"]
-    assert modules["demo"] == ["allocator", "demo", "io", "runtime", "stages"]
+    assert modules["demo"] == ["allocator", "demo", "errors", "io", "runtime", "stages"]
+    assert "config" not in set().union(*modules.values())  # editing the config code reruns no job by itself
 
 
 def test_editing_a_module_that_inference_imports_reruns_inference(tmp_path):
@@ -91,12 +92,12 @@ def test_editing_a_module_that_inference_imports_reruns_inference(tmp_path):
     runtime.write_text(runtime.read_text() + "\n# edited\n")
     after = stage_digests(copy)
     changed = {kind for kind in before if before[kind] != after[kind]}
-    assert changed == set(STAGE_ENTRY_POINTS)  # every stage runs through runtime's log stream
+    assert changed == set(STAGE_ENTRY_POINTS) | set(MODULE_STAGES)  # every stage runs through runtime's log stream
     before = after
     model_config = copy / "model_config.py"  # infer -> model -> model_config: two imports away
     model_config.write_text(model_config.read_text() + "\n# edited\n")
     after = stage_digests(copy)
-    assert {kind for kind in before if before[kind] != after[kind]} == {"train", "infer"}
+    assert {kind for kind in before if before[kind] != after[kind]} == {"train", "infer", "pretrain"}
 
 
 def test_the_snakefile_and_the_stages_import_no_torch():
