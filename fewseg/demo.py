@@ -53,25 +53,6 @@ DEMO_CLASSES: dict[int, str] = {
 BASE_IDS = (1, 2, 3, 4, 5, 6, 7)
 NOVEL_IDS = (8, 9, 10, 11)
 
-# Colours that show the classes in previews (not used for the data itself).
-DEMO_PREVIEW_PALETTE = np.array(
-    [
-        [0, 0, 0],
-        [34, 97, 38],
-        [0, 255, 36],
-        [128, 0, 0],
-        [75, 181, 73],
-        [255, 255, 255],
-        [0, 69, 255],
-        [222, 31, 7],
-        [255, 0, 255],
-        [255, 200, 0],
-        [0, 255, 255],
-        [128, 128, 255],
-    ],
-    dtype=np.uint8,
-)
-
 TRAIN_PLACE = "demoville"
 TEST_PLACE = "demotown"
 CRS_EPSG = 32630  # WGS 84 / UTM zone 30N
