@@ -808,7 +808,7 @@ def _setup_prompt(
     return run
 
 
-def _prompt_step(run: _PromptRun, step: int) -> tuple[torch.Tensor, float]:
+def _prompt_step(run: _PromptRun, step: int) -> tuple[float, float]:
     """One optimizer step of the prompt on a batch of support crops; returns (loss, learning rate)."""
     s, model, prompt = run.settings, run.model, run.prompt
     cfg = model.config
@@ -828,10 +828,10 @@ def _prompt_step(run: _PromptRun, step: int) -> tuple[torch.Tensor, float]:
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
-    return loss, lr
+    return float(loss.detach()), lr
 
 
-def _validate_prompt(run: _PromptRun, done: int, loss: torch.Tensor) -> float:
+def _validate_prompt(run: _PromptRun, done: int, loss: float) -> float:
     """Held-out IoU after ``done`` steps; the best prompt so far is kept in memory (and in the checkpoint)."""
     s = run.settings
     iou = _tiles_iou(run.model, run.prompt, run.held, s, run.device)
@@ -886,11 +886,11 @@ def train_prompt(
     for step in range(run.start, run.steps):
         loss, lr = _prompt_step(run, step)
         done = step + 1
-        row = {"step": done, "loss": float(loss.detach()), "lr": lr}
+        row = {"step": done, "loss": loss, "lr": lr}
         if run.held and (done % s.val_every == 0 or done == run.steps):
             row["val_miou"] = _validate_prompt(run, done, loss)
         run.history.append(row)
-        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
         if done % s.checkpoint_every == 0 and done < run.steps:
             _save_prompt_resume(run, done)
