@@ -178,6 +178,7 @@ class BaseTrainingSettings:
 
     @classmethod
     def from_slice(cls, settings: dict) -> BaseTrainingSettings:
+        """From the dict the workflow passes; a missing key is a ValueError naming it."""
         try:
             given = {
                 "seed": settings["seed"],
@@ -606,6 +607,7 @@ class PromptTrainingSettings:
 
     @classmethod
     def from_slice(cls, settings: dict) -> PromptTrainingSettings:
+        """From the dict the workflow passes; a missing key is a ValueError naming it."""
         try:
             t = settings["training"]
             given = {
