@@ -22,6 +22,8 @@ from fewseg.weights import (
 
 ATOL = 1e-4
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see conftest.py
+
 # Two small reference architectures differing in depth, width, heads, patch, canvas, merge index,
 # feature layers, MLP width and qkv bias.
 HF_CONFIGS = {
@@ -50,15 +52,6 @@ HF_CONFIGS = {
         qkv_bias=False,
     ),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: one intra-op thread is faster and does not fight a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
