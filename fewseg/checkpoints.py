@@ -8,11 +8,9 @@ against another base model is an error rather than a silently wrong prediction.
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fewseg.io import InputError, atomic_path
@@ -105,14 +103,6 @@ def load_prompt(path: str | os.PathLike, base_fingerprint: str | None = None) ->
             f"not the base model in use ({base_fingerprint}): retrain the prompt",
         )
     return data
-
-
-def rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
 
 
 def load_resume(path: str | os.PathLike, settings_digest: str) -> dict | None:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fewseg.config import PACKAGE_DIR, ConfigError, check_config, load_yaml
+from fewseg.errors import WeightsError
 from fewseg.io import IMAGE_SUFFIXES, InputError
-from fewseg.weights import WeightsError
 
 DEFAULT_CONFIG = PACKAGE_DIR.parent / "config.yaml"
 LABEL_SUFFIXES = (*IMAGE_SUFFIXES, ".png")

@@ -53,25 +53,6 @@ DEMO_CLASSES: dict[int, str] = {
 BASE_IDS = (1, 2, 3, 4, 5, 6, 7)
 NOVEL_IDS = (8, 9, 10, 11)
 
-# Colours that show the classes in previews (not used for the data itself).
-DEMO_PREVIEW_PALETTE = np.array(
-    [
-        [0, 0, 0],
-        [34, 97, 38],
-        [0, 255, 36],
-        [128, 0, 0],
-        [75, 181, 73],
-        [255, 255, 255],
-        [0, 69, 255],
-        [222, 31, 7],
-        [255, 0, 255],
-        [255, 200, 0],
-        [0, 255, 255],
-        [128, 128, 255],
-    ],
-    dtype=np.uint8,
-)
-
 TRAIN_PLACE = "demoville"
 TEST_PLACE = "demotown"
 CRS_EPSG = 32630  # WGS 84 / UTM zone 30N
@@ -480,6 +461,175 @@ def _presence(labels: list[np.ndarray], classes: Sequence[int]) -> dict[str, int
     return {str(c): sum(bool((lab == c).any()) for lab in labels) for c in classes}
 
 
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo dataset's counts, tile size, seed and novel classes (the config's ``demo`` section and ``seed``)."""
+
+    n_train: int
+    n_support_per_class: int
+    n_query: int
+    size: int
+    seed: int
+    novel_ids: tuple[int, ...]
+
+    @classmethod
+    def checked(
+        cls, *, n_train: int, n_support_per_class: int, n_query: int, size: int, seed: int, novel_ids: Sequence[int]
+    ) -> DemoSettings:
+        """Settings with ints for every count and sorted novel ids; a bad value is a ValueError naming it."""
+        ids = [int(c) for c in novel_ids]
+        if not ids or len(set(ids)) != len(ids) or not set(ids) <= set(NOVEL_IDS):
+            raise ValueError(f"novel_ids must be distinct ids among {list(NOVEL_IDS)}, got {ids}")
+        settings = cls(
+            n_train=int(n_train), n_support_per_class=int(n_support_per_class), n_query=int(n_query),
+            size=int(size), seed=int(seed), novel_ids=tuple(sorted(ids)),
+        )  # fmt: skip
+        for name, low in (("n_train", 1), ("n_support_per_class", 1), ("n_query", 1), ("size", 64)):
+            if getattr(settings, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(settings, name)}")
+        return settings
+
+    @property
+    def scale(self) -> float:
+        """Object counts grow with the tile's area (they are set for 256 px tiles)."""
+        return (self.size / 256.0) ** 2
+
+    @property
+    def n_support(self) -> int:
+        return len(self.novel_ids) * self.n_support_per_class
+
+    def georef(self, split: int, index: int) -> dict:
+        """CRS and transform of a tile: every tile of every split has its own place on the ground."""
+        span = self.size * PIXEL_SIZE
+        x = _ORIGIN[0] + (index % 16) * (span + 100.0) + split * 20000.0
+        y = _ORIGIN[1] - (index // 16) * (span + 100.0)
+        return {"crs": CRS.from_epsg(CRS_EPSG), "transform": Affine(PIXEL_SIZE, 0.0, x, 0.0, -PIXEL_SIZE, y)}
+
+
+def _query_classes(spec: DemoSettings, plan_rng: np.random.Generator) -> list[set[int]]:
+    """Which novel classes each query shows: every class in at least _QUERY_PRESENCE of the queries, and each query
+    at least one."""
+    shown: list[set[int]] = [set() for _ in range(spec.n_query)]
+    per_class = max(1, int(math.ceil(_QUERY_PRESENCE * spec.n_query)))
+    for cls in spec.novel_ids:
+        for q in plan_rng.permutation(spec.n_query)[:per_class]:
+            shown[int(q)].add(cls)
+    for s in shown:
+        if not s:
+            s.add(int(plan_rng.choice(spec.novel_ids)))
+    return shown
+
+
+def _query_counts(rng: np.random.Generator, classes: set[int], scale: float) -> dict[int, int]:
+    base = {8: (8, 18), 9: (1, 2), 10: (1, 1), 11: (3, 6)}
+    return {c: max(1, int(round(rng.integers(base[c][0], base[c][1] + 1) * scale))) for c in sorted(classes)}
+
+
+def _support_counts(rng: np.random.Generator, cls: int, scale: float) -> dict[int, int]:
+    base = {8: (24, 36), 9: (2, 3), 10: (2, 3), 11: (5, 8)}
+    return {cls: max(1, int(round(rng.integers(base[cls][0], base[cls][1] + 1) * scale)))}
+
+
+def _write_tile(root: Path, folders: tuple[str, str], stem: str, image: np.ndarray, label: np.ndarray, georef: dict):
+    """The image and its label as ``<stem>.tif`` in the (image, label) folders under ``root``."""
+    write_geotiff(root / folders[0] / f"{stem}.tif", image, **georef)
+    write_geotiff(root / folders[1] / f"{stem}.tif", label, **georef)
+
+
+def _write_train(tmp: Path, spec: DemoSettings) -> tuple[list[str], list[np.ndarray]]:
+    stems, labels = [], []
+    for i in range(spec.n_train):
+        stem = f"{TRAIN_PLACE}_{i + 1}"
+        img, lab = _draw_tile(_tile_rng(spec.seed, 1, i), spec.size, {}, None)
+        _write_tile(tmp, ("trainset/images", "trainset/labels"), stem, img, lab, spec.georef(1, i))
+        stems.append(stem)
+        labels.append(lab)
+    return stems, labels
+
+
+def _write_support(
+    tmp: Path, spec: DemoSettings, test_numbers: list[int]
+) -> tuple[dict[str, list[str]], dict[str, list[np.ndarray]]]:
+    """Support tiles take test indices 0..n_support-1: each holds one novel class, labelled with it alone."""
+    stems: dict[str, list[str]] = {str(c): [] for c in spec.novel_ids}
+    labels: dict[str, list[np.ndarray]] = {str(c): [] for c in spec.novel_ids}
+    t = 0
+    for cls in spec.novel_ids:
+        for _ in range(spec.n_support_per_class):
+            rng = _tile_rng(spec.seed, 2, t)
+            stem = f"{TEST_PLACE}_{test_numbers[t]}"
+            img, lab = _draw_tile(rng, spec.size, _support_counts(rng, cls, spec.scale), cls)
+            binary = np.where(lab == cls, cls, 0).astype(np.uint8)
+            if not binary.any():
+                raise RuntimeError(f"support tile {stem} came out without class {cls}")
+            _write_tile(tmp, ("testset/images", "testset/labels"), stem, img, binary, spec.georef(2, t))
+            stems[str(cls)].append(stem)
+            labels[str(cls)].append(binary)
+            t += 1
+    return stems, labels
+
+
+def _write_queries(
+    tmp: Path, spec: DemoSettings, test_numbers: list[int], shown: list[set[int]]
+) -> tuple[list[str], list[np.ndarray]]:
+    """Query tiles follow the support tiles in the test indices; their full labels go to a folder of their own."""
+    stems, labels = [], []
+    for q in range(spec.n_query):
+        t = spec.n_support + q
+        rng = _tile_rng(spec.seed, 2, t)
+        stem = f"{TEST_PLACE}_{test_numbers[t]}"
+        img, lab = _draw_tile(rng, spec.size, _query_counts(rng, shown[q], spec.scale), None)
+        _write_tile(tmp, ("testset/images", "testset_query_labels"), stem, img, lab, spec.georef(2, t))
+        stems.append(stem)
+        labels.append(lab)
+    return stems, labels
+
+
+def _manifest(
+    spec: DemoSettings,
+    train: tuple[list[str], list[np.ndarray]],
+    support: tuple[dict[str, list[str]], dict[str, list[np.ndarray]]],
+    query: tuple[list[str], list[np.ndarray]],
+) -> dict:
+    (train_stems, train_labels), (support_stems, support_labels), (query_stems, query_labels) = train, support, query
+    novel_ids = list(spec.novel_ids)
+    all_ids = sorted(DEMO_CLASSES)
+    return {
+        "name": "fewseg demo dataset",
+        "seed": spec.seed,
+        "size": spec.size,
+        "crs": f"EPSG:{CRS_EPSG}",
+        "pixel_size_m": PIXEL_SIZE,
+        "counts": {
+            "train": spec.n_train,
+            "support": spec.n_support,
+            "support_per_class": spec.n_support_per_class,
+            "query": spec.n_query,
+        },
+        "base_ids": list(BASE_IDS),
+        "novel_ids": novel_ids,
+        "classes": {str(k): v for k, v in DEMO_CLASSES.items()},
+        "train": train_stems,
+        "support": support_stems,
+        "query": query_stems,
+        "query_novel_classes": {
+            stem: [c for c in novel_ids if (lab == c).any()]
+            for stem, lab in zip(query_stems, query_labels, strict=True)
+        },
+        # support: the share of each novel class in its own support tiles.
+        "class_fractions": {
+            "train": _fractions(train_labels, all_ids),
+            "support": {str(c): _fractions(support_labels[str(c)], [c])[str(c)] for c in novel_ids},
+            "query": _fractions(query_labels, all_ids),
+        },
+        "tiles_with_class": {
+            "train": _presence(train_labels, all_ids),
+            "support": {str(c): _presence(support_labels[str(c)], [c])[str(c)] for c in novel_ids},
+            "query": _presence(query_labels, all_ids),
+        },
+    }
+
+
 def make_demo_dataset(
     root: str | os.PathLike,
     *,
@@ -499,123 +649,18 @@ def make_demo_dataset(
     split the share of pixels of each class (``class_fractions``; for the support split, the share of each novel
     class in its own tiles) and the number of tiles showing it (``tiles_with_class``).
     """
-    novel_ids = [int(c) for c in novel_ids]
-    if not novel_ids or len(set(novel_ids)) != len(novel_ids) or not set(novel_ids) <= set(NOVEL_IDS):
-        raise ValueError(f"novel_ids must be distinct ids among {list(NOVEL_IDS)}, got {novel_ids}")
-    novel_ids = sorted(novel_ids)
-    n_train, n_support_per_class, n_query, size, seed = map(int, (n_train, n_support_per_class, n_query, size, seed))
-    for name, value, low in (
-        ("n_train", n_train, 1),
-        ("n_support_per_class", n_support_per_class, 1),
-        ("n_query", n_query, 1),
-        ("size", size, 64),
-    ):
-        if value < low:
-            raise ValueError(f"{name} must be at least {low}, got {value}")
-
-    plan_rng = _tile_rng(seed, 0, 0)
-    scale = (size / 256.0) ** 2
-
-    # Which novel classes each query shows: every class in at least _QUERY_PRESENCE of the queries.
-    shown = [set() for _ in range(n_query)]
-    per_class = max(1, int(math.ceil(_QUERY_PRESENCE * n_query)))
-    for cls in novel_ids:
-        for q in plan_rng.permutation(n_query)[:per_class]:
-            shown[int(q)].add(cls)
-    for s in shown:
-        if not s:
-            s.add(int(plan_rng.choice(novel_ids)))
-
-    def query_counts(rng, classes) -> dict[int, int]:
-        base = {8: (8, 18), 9: (1, 2), 10: (1, 1), 11: (3, 6)}
-        return {c: max(1, int(round(rng.integers(base[c][0], base[c][1] + 1) * scale))) for c in sorted(classes)}
-
-    def support_counts(rng, cls) -> dict[int, int]:
-        base = {8: (24, 36), 9: (2, 3), 10: (2, 3), 11: (5, 8)}
-        return {cls: max(1, int(round(rng.integers(base[cls][0], base[cls][1] + 1) * scale)))}
-
-    n_test = len(novel_ids) * n_support_per_class + n_query
-    test_numbers = [int(k) + 1 for k in plan_rng.permutation(n_test)]
-    crs = CRS.from_epsg(CRS_EPSG)
-    span = size * PIXEL_SIZE
-
-    def georef(split: int, index: int):
-        x = _ORIGIN[0] + (index % 16) * (span + 100.0) + split * 20000.0
-        y = _ORIGIN[1] - (index // 16) * (span + 100.0)
-        return {"crs": crs, "transform": Affine(PIXEL_SIZE, 0.0, x, 0.0, -PIXEL_SIZE, y)}
-
-    train_stems, train_labels = [], []
-    support: dict[str, list[str]] = {str(c): [] for c in novel_ids}
-    support_labels: dict[str, list[np.ndarray]] = {str(c): [] for c in novel_ids}
-    query_stems, query_labels = [], []
-    root = Path(root)
-    with atomic_dir(root) as tmp:
-        for i in range(n_train):
-            stem = f"{TRAIN_PLACE}_{i + 1}"
-            img, lab = _draw_tile(_tile_rng(seed, 1, i), size, {}, None)
-            write_geotiff(tmp / "trainset" / "images" / f"{stem}.tif", img, **georef(1, i))
-            write_geotiff(tmp / "trainset" / "labels" / f"{stem}.tif", lab, **georef(1, i))
-            train_stems.append(stem)
-            train_labels.append(lab)
-
-        t = 0
-        for cls in novel_ids:
-            for _ in range(n_support_per_class):
-                rng = _tile_rng(seed, 2, t)
-                stem = f"{TEST_PLACE}_{test_numbers[t]}"
-                img, lab = _draw_tile(rng, size, support_counts(rng, cls), cls)
-                binary = np.where(lab == cls, cls, 0).astype(np.uint8)
-                if not binary.any():
-                    raise RuntimeError(f"support tile {stem} came out without class {cls}")
-                write_geotiff(tmp / "testset" / "images" / f"{stem}.tif", img, **georef(2, t))
-                write_geotiff(tmp / "testset" / "labels" / f"{stem}.tif", binary, **georef(2, t))
-                support[str(cls)].append(stem)
-                support_labels[str(cls)].append(binary)
-                t += 1
-        for q in range(n_query):
-            rng = _tile_rng(seed, 2, t)
-            stem = f"{TEST_PLACE}_{test_numbers[t]}"
-            img, lab = _draw_tile(rng, size, query_counts(rng, shown[q]), None)
-            write_geotiff(tmp / "testset" / "images" / f"{stem}.tif", img, **georef(2, t))
-            write_geotiff(tmp / "testset_query_labels" / f"{stem}.tif", lab, **georef(2, t))
-            query_stems.append(stem)
-            query_labels.append(lab)
-            t += 1
-
-        all_ids = sorted(DEMO_CLASSES)
-        manifest = {
-            "name": "fewseg demo dataset",
-            "seed": int(seed),
-            "size": int(size),
-            "crs": f"EPSG:{CRS_EPSG}",
-            "pixel_size_m": PIXEL_SIZE,
-            "counts": {
-                "train": n_train,
-                "support": len(novel_ids) * n_support_per_class,
-                "support_per_class": n_support_per_class,
-                "query": n_query,
-            },
-            "base_ids": list(BASE_IDS),
-            "novel_ids": novel_ids,
-            "classes": {str(k): v for k, v in DEMO_CLASSES.items()},
-            "train": train_stems,
-            "support": support,
-            "query": query_stems,
-            "query_novel_classes": {
-                stem: [c for c in novel_ids if (lab == c).any()]
-                for stem, lab in zip(query_stems, query_labels, strict=True)
-            },
-            # support: the share of each novel class in its own support tiles.
-            "class_fractions": {
-                "train": _fractions(train_labels, all_ids),
-                "support": {str(c): _fractions(support_labels[str(c)], [c])[str(c)] for c in novel_ids},
-                "query": _fractions(query_labels, all_ids),
-            },
-            "tiles_with_class": {
-                "train": _presence(train_labels, all_ids),
-                "support": {str(c): _presence(support_labels[str(c)], [c])[str(c)] for c in novel_ids},
-                "query": _presence(query_labels, all_ids),
-            },
-        }
+    spec = DemoSettings.checked(
+        n_train=n_train, n_support_per_class=n_support_per_class, n_query=n_query, size=size, seed=seed,
+        novel_ids=novel_ids,
+    )  # fmt: skip
+    # The plan (which classes each query shows, the shuffled test tile numbers) has its own stream.
+    plan_rng = _tile_rng(spec.seed, 0, 0)
+    shown = _query_classes(spec, plan_rng)
+    test_numbers = [int(k) + 1 for k in plan_rng.permutation(spec.n_support + spec.n_query)]
+    with atomic_dir(Path(root)) as tmp:
+        train = _write_train(tmp, spec)
+        support = _write_support(tmp, spec, test_numbers)
+        query = _write_queries(tmp, spec, test_numbers, shown)
+        manifest = _manifest(spec, train, support, query)
         write_json(tmp / "manifest.json", manifest)
     return manifest

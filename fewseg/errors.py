@@ -20,3 +20,7 @@ class InputError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any job runs."""
+
+
+class WeightsError(ValueError):
+    """A checkpoint that is not a SegGPT state dict, or does not fit the requested model."""

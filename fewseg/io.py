@@ -156,12 +156,6 @@ def read_georef(path: str | os.PathLike) -> dict:
         return {"crs": src.crs, "transform": src.transform}
 
 
-def raster_shape(path: str | os.PathLike) -> tuple[int, int, int]:
-    """(bands, height, width) without reading pixels."""
-    with _open(Path(path)) as src:
-        return src.count, src.height, src.width
-
-
 def _read_pil(path: Path, mode: str) -> np.ndarray:
     if not path.is_file():
         raise InputError(path, "file not found")

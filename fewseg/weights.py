@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fewseg.errors import WeightsError
 from fewseg.model import SegGPT, SegGPTConfig
 
 __all__ = [
@@ -41,10 +42,6 @@ __all__ = [
 ]
 
 Format = Literal["fewseg", "painter", "hf"]
-
-
-class WeightsError(ValueError):
-    """A checkpoint that is not a SegGPT state dict, or does not fit the requested model."""
 
 
 # fewseg / Painter name <-> HF name, for parameters outside the blocks (exact names or module prefixes).

@@ -3,9 +3,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+from workflow_utils import ROOT
+
+pytestmark = pytest.mark.slow  # runs both bench scripts in subprocesses
 
 
 def _run(*args: str) -> str:

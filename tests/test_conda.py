@@ -8,6 +8,7 @@ import stat
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from workflow_utils import ROOT, TEST_CONFIG, snakemake
 
@@ -69,6 +70,7 @@ def test_environment_lists_every_imported_package_pinned():
     assert "conda-forge" in yaml.safe_load(ENV_FILE.read_text())["channels"]
 
 
+@pytest.mark.slow
 def test_dry_run_with_conda_plans_the_environment(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()

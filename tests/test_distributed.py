@@ -64,6 +64,7 @@ def _assert_close(a: dict, b: dict, atol: float) -> None:
     assert worst <= atol, f"largest difference {worst:.2e}"
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tiles, tmp_path):
     single = _train(tiles, tmp_path, "one")
     double = _train(tiles, tmp_path, "two", processes=2)
@@ -73,6 +74,7 @@ def test_two_gloo_processes_equal_one_process(tiles, tmp_path):
     assert max(float((single[k] - other[k]).abs().max()) for k in single) > 1e-4
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch(tiles, tmp_path):
     full = _train(tiles, tmp_path, "full")
     accumulated = _train(tiles, tmp_path, "accum", batch_size=2, grad_accum=2)

@@ -1,6 +1,7 @@
 """Inference geometry on arrays with known answers, and inference on a non-square 1000x1000-style input."""
 
 import numpy as np
+import pytest
 import torch
 
 from fewseg.data import resize_image, resize_nearest
@@ -73,6 +74,7 @@ def _loud_micro():
     return model
 
 
+@pytest.mark.slow
 def test_base_prediction_comes_back_at_the_query_size():
     model = _micro()
     rng = np.random.default_rng(0)
@@ -108,6 +110,7 @@ def _base_case(seed: int):
     return query, prompts, palette
 
 
+@pytest.mark.slow
 def test_batched_base_inference_equals_one_query_tile_per_forward():
     """Sharing forwards across a query's tiles and seam crops (grouped ensemble) changes no pixel."""
     model = _micro()

@@ -2,9 +2,9 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+from workflow_utils import ROOT
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess:
@@ -26,6 +26,7 @@ def test_snakefmt():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_snakemake_lint():
     r = _run(sys.executable, "-m", "snakemake", "--lint")
     assert r.returncode == 0, r.stdout + r.stderr

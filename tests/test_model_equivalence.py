@@ -29,6 +29,8 @@ def query_half_mask(config, batch: int = 1) -> torch.Tensor:
 
 ATOL = 1e-4
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see conftest.py
+
 # Two small reference architectures differing in depth, width, heads, patch, canvas, merge index,
 # feature layers, MLP width and qkv bias.
 HF_CONFIGS = {
@@ -57,15 +59,6 @@ HF_CONFIGS = {
         qkv_bias=False,
     ),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: one intra-op thread is faster and does not fight a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:

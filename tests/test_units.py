@@ -137,7 +137,8 @@ def test_zip_layout_is_flat_sorted_and_reproducible(tmp_path):
     with zipfile.ZipFile(tmp_path / "s1.zip") as zf:
         assert zf.namelist() == ["a_1.png", "b_2.png"]
     decoded = read_submission(tmp_path / "s1.zip")
-    assert decoded["a_1"].dtype == np.uint8 and decoded["a_1"].shape == (5, 7) and decoded["a_1"].max() == 11
+    assert decoded.keys() == {"a_1", "b_2"}
+    assert np.array_equal(decoded["a_1"], np.full((5, 7), 11)) and np.array_equal(decoded["b_2"], np.full((5, 7), 3))
 
 
 def test_zip_refuses_wrong_size(tmp_path):
@@ -199,3 +200,60 @@ def test_masks():
     assert q.tolist() == [False] * 4 + [True] * 4
     r = random_patches((10, 10), 0.7, np.random.default_rng(0))
     assert r.sum() == 70
+
+
+# --- config files ----------------------------------------------------------------------------------------------
+
+
+def test_schema_lists_exactly_the_model_presets():
+    from fewseg.config import load_schema
+    from fewseg.model_config import PRESETS
+
+    schema = load_schema()["properties"]["model"]["properties"]
+    assert sorted(schema["preset"]["enum"]) == sorted(PRESETS)
+    assert "overrides" in schema and schema["overrides"]["description"]
+
+
+def test_oem_config_passes_the_checks_over_the_defaults_and_on_its_own():
+    """As ``snakemake --configfile resources/config.oem.yaml`` merges it over config.yaml, and as the bench loads it."""
+    from snakemake.utils import update_config
+    from workflow_utils import ROOT
+
+    from fewseg.config import check_config, load_yaml
+
+    oem = load_yaml(ROOT / "resources" / "config.oem.yaml")
+    merged = load_yaml(ROOT / "config.yaml")
+    update_config(merged, oem)
+    for config in (check_config(merged, check_paths=False), check_config(oem, check_paths=False)):
+        # the published settings, not the demo's
+        assert config["model"]["preset"] == "vit_large" and config["runtime"]["precision"] == "bf16"
+        assert config["dataset"]["shots"] == 5 and config["dataset"]["source"] == "folder"
+        assert config["base_training"]["lr"] == 1e-4 and config["base_training"]["random_palette_prob"] == 1.0
+        assert (config["prompt_training"]["phase1"]["lr"], config["prompt_training"]["phase2"]["lr"]) == (1e-3, 1e-5)
+        assert config["prompt_training"]["classes"][10] == {"crop_size": 256, "max_crop_size": 512, "stride": 64}
+        assert config["inference"]["working_size"] == 1024 and config["inference"]["novel"][8]["grid"] == 8
+        assert config["overlay"]["min_prompt_iou"] == 0.0
+    assert check_config(merged, check_paths=False) == check_config(oem, check_paths=False)  # complete on its own
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_survives_save_and_load_and_sees_one_weight(tmp_path):
+    from fewseg.checkpoints import load_base_model, save_base_model
+    from fewseg.model import build_model, fingerprint
+
+    torch.manual_seed(0)
+    model = build_model("micro")
+    saved = save_base_model(tmp_path / "base.pt", model, {"steps": 3})
+    loaded, meta = load_base_model(tmp_path / "base.pt")
+    assert saved == fingerprint(model) == fingerprint(loaded) == meta["fingerprint"] and meta["steps"] == 3
+    with torch.no_grad():
+        loaded.decoder_pred[0].weight.view(-1)[7] += 1e-4
+    changed = fingerprint(loaded)
+    assert changed != saved
+    assert (
+        save_base_model(tmp_path / "changed.pt", loaded)
+        == changed
+        == load_base_model(tmp_path / "changed.pt")[1]["fingerprint"]
+    )
