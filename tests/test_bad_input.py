@@ -7,12 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import torch
 from workflow_utils import load_test_config, modified, snakemake, write_config
 
-from fewseg.checkpoints import load_prompt, save_prompt
 from fewseg.demo import make_demo_dataset
-from fewseg.io import InputError
 
 pytestmark = pytest.mark.workflow
 
@@ -152,14 +149,3 @@ def test_duplicate_yaml_key_is_refused(tmp_path):
     assert r.returncode != 0
     assert "duplicate key 'seed'" in r.stdout + r.stderr
     assert not (tmp_path / "results").exists()
-
-
-def test_prompt_for_another_base_model_is_refused(tmp_path):
-    path = tmp_path / "prompt.pt"
-    save_prompt(
-        path, torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), cls=9, name="parking space",
-        base_fingerprint="aaaa", tile_size=(8, 8),
-    )  # fmt: skip
-    assert load_prompt(path, "aaaa")["cls"] == 9
-    with pytest.raises(InputError, match="trained against base model aaaa"):
-        load_prompt(path, "bbbb")

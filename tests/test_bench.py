@@ -19,7 +19,8 @@ def _run(*args: str) -> str:
 def test_model_bench_runs_both_sides(tmp_path):
     rows_json = tmp_path / "rows.json"
     out = _run("bench/model_bench.py", "--models", "smoke", "--tasks", "fwd1", "--envs", "keep",
-               "--repeats", "1", "--query-only", "--threads", "1", "--json", str(rows_json))  # fmt: skip
+               "--repeats", "1", "--query-only", "--threads", "1", "--precisions", "fp32",
+               "--json", str(rows_json))  # fmt: skip
     rows = json.loads(rows_json.read_text())
     assert [(r["task"], r["env"]) for r in rows] == [("fwd b1", "keep")]
     for r in rows[:1]:

@@ -24,12 +24,7 @@ TEST_CONFIG = ROOT / "tests" / "config.test.yaml"
 COMMANDS = ("convert-weights", "pretrain", "score", "check-config")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread for tiny models
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:

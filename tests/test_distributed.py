@@ -2,32 +2,15 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fewseg.checkpoints import load_base_model
 from fewseg.config import base_training_settings, load_config
 from fewseg.distributed import launch_train_base
-from fewseg.io import write_png
 from fewseg.train import train_base
 
 TEST_CONFIG = Path(__file__).parent / "config.test.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiles(tmp_path_factory):
-    """Six 96 px tiles of blocky class maps over noisy images: enough pairs for a few steps."""
-    root = tmp_path_factory.mktemp("tiles")
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(6):
-        ids = rng.integers(0, 8, (6, 6)).repeat(16, 0).repeat(16, 1).astype(np.uint8)
-        image = (ids[..., None] * 30 + rng.integers(0, 40, (96, 96, 3))).astype(np.uint8)
-        write_png(root / f"t{i}.png", image)
-        write_png(root / f"t{i}_label.png", ids)
-        out.append({"stem": f"t{i}", "image": str(root / f"t{i}.png"), "label": str(root / f"t{i}_label.png")})
-    return out
 
 
 def _settings(**training) -> dict:

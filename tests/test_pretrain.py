@@ -31,12 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MICRO = PRESETS["micro"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread for tiny models
 
 
 def _settings(**changes) -> dict:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fewseg.checkpoints import load_prompt, save_prompt
 from fewseg.data import LazyPermutation, num_pairs, pair_at, query_half_patches, random_patches
-from fewseg.io import write_png
+from fewseg.io import InputError, write_png
 from fewseg.metrics import ConfusionMatrix, summarize
 from fewseg.overlay import filter_decision, paste_class
 from fewseg.palette import as_palette, decode_canvas, ids_to_rgb, normalize, random_palette, rgb_to_ids
@@ -260,3 +261,14 @@ def test_fingerprint_survives_save_and_load_and_sees_one_weight(tmp_path):
         == changed
         == load_base_model(tmp_path / "changed.pt")[1]["fingerprint"]
     )
+
+
+def test_prompt_for_another_base_model_is_refused(tmp_path):
+    path = tmp_path / "prompt.pt"
+    save_prompt(
+        path, torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), cls=9, name="parking space",
+        base_fingerprint="aaaa", tile_size=(8, 8),
+    )  # fmt: skip
+    assert load_prompt(path, "aaaa")["cls"] == 9
+    with pytest.raises(InputError, match="trained against base model aaaa"):
+        load_prompt(path, "bbbb")
