@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fewseg.config import PACKAGE_DIR, ConfigError, check_config, load_yaml
+from fewseg.config import PACKAGE_DIR, ConfigError, check_config, drop_default_classes, load_yaml
 from fewseg.errors import WeightsError
 from fewseg.io import IMAGE_SUFFIXES, InputError
 
@@ -53,12 +53,16 @@ def layered_config(files: Sequence[str | Path], defaults: bool = True) -> dict:
     if defaults and not DEFAULT_CONFIG.is_file():
         raise CommandError(f"{DEFAULT_CONFIG}: default config not found; pass --no-defaults and a complete config")
     config: dict = {}
-    for path in layers:
+    overrides: dict = {}
+    for n, path in enumerate(layers):
         layer = load_yaml(path)
         if not isinstance(layer, dict):
             raise CommandError(f"{path}: a config file must hold a mapping of settings")
         config = deep_merge(config, layer)
-    return config
+        if n or not defaults:
+            overrides = deep_merge(overrides, layer)
+    # as the workflow does: config.yaml's entries for classes the given files do not configure are dropped
+    return drop_default_classes(config, overrides) if defaults else config
 
 
 def _checked_config(files: Sequence[str], defaults: bool, check_paths: bool) -> dict:

@@ -167,7 +167,7 @@ def base_sample(
     fixed_palette: np.ndarray | None = None,
     random_palette_prob: float = 1.0,
 ) -> dict:
-    """One training canvas from two train tiles (SPEC section 5).
+    """One training canvas from two train tiles (method section 5).
 
     A fresh random palette paints both labels; the same flips and crop location apply to both tiles; blur touches
     images only. Same class set in both crops: mask the query half; otherwise a random share of all patches.
@@ -190,6 +190,20 @@ def base_sample(
         img_a = blur(img_a, float(rng.uniform(*blur_sigma)))
     if rng.random() < blur_prob:
         img_b = blur(img_b, float(rng.uniform(*blur_sigma)))
+    return pair_canvas((img_a, ids_a), (img_b, ids_b), palette, grid, mask_ratio, rng)
+
+
+def pair_canvas(
+    prompt: tuple[np.ndarray, np.ndarray],
+    query: tuple[np.ndarray, np.ndarray],
+    palette: np.ndarray,
+    grid: tuple[int, int],
+    mask_ratio: float,
+    rng: np.random.Generator,
+) -> dict:
+    """Stack a (prompt, query) pair of (image, ids) into one training canvas with its patch mask (method
+    section 5): the same class set in both halves masks the query half; otherwise a random share of all patches."""
+    (img_a, ids_a), (img_b, ids_b) = prompt, query
     same = set(np.unique(ids_a).tolist()) == set(np.unique(ids_b).tolist())
     mask = query_half_patches(grid) if same else random_patches(grid, mask_ratio, rng)
     return {

@@ -1,4 +1,4 @@
-"""Inference (SPEC section 7): tiled prediction under a prompt ensemble, with seam repair.
+"""Inference (method section 7): tiled prediction under a prompt ensemble, with seam repair.
 
 Base classes and novel classes take one path, :func:`predict_tiled`: base classes with the ensemble of every tile
 of the top-k train tiles and the class palette, a novel class with its one learned prompt and the binary palette.
@@ -45,7 +45,7 @@ class SeamCrop:
 
 
 def seam_crops(size: int, grid: int, patches: int, band: int) -> list[SeamCrop]:
-    """Seam-repair crops of a grid x grid tiling (SPEC section 7).
+    """Seam-repair crops of a grid x grid tiling (method section 7).
 
     For every interior seam, crops of one tile's size centred on the seam between each pair of neighbouring tiles;
     on a 2 x 2 tiling that is the published five: top-middle, bottom-middle, left-middle, right-middle and the
@@ -201,7 +201,7 @@ def predict_tiled(
     precision: str = "fp32",
 ) -> np.ndarray:
     """Class ids (palette indices) of one query image at its own size: a grid x grid tiling at the working size,
-    each tile under the prompt ensemble, then optional seam repair (SPEC section 7)."""
+    each tile under the prompt ensemble, then optional seam repair (method section 7)."""
     cfg = model.config
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
@@ -235,7 +235,7 @@ def repair_seams(
     batch_size: int = 8,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Re-predict bands around the tiling's seams with the first pass's colours as context (SPEC section 7).
+    """Re-predict bands around the tiling's seams with the first pass's colours as context (method section 7).
 
     Every crop reads the first pass only, so all crops are predicted together and pasted afterwards.
     """

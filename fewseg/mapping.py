@@ -1,4 +1,4 @@
-"""Prompt selection by global image embedding (SPEC section 3).
+"""Prompt selection by global image embedding (method section 3).
 
 Each tile set (train, query, support) is embedded once and saved on its own, so adding query tiles does not
 recompute the train set. Ranking is cosine similarity of L2-normalised features.

@@ -1,4 +1,4 @@
-"""Pasting novel-class predictions onto the running label map, one class at a time (SPEC section 7)."""
+"""Pasting novel-class predictions onto the running label map, one class at a time (method section 7)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ BAAI pretrained SegGPT on many datasets with random colourings, so the model can
 colour by heart and must read the mapping off the prompt. Here the data are synthetic scenes drawn on the fly from
 an endless space of classes (a random texture, colour pair and shape kind each: regions, blobs, rectangles,
 outlines, lines), painted with a fresh random palette on every sample; both halves of a canvas show the same
-classes in the same appearance and colours. Pairs follow SPEC section 5: when both halves hold the same class set
+classes in the same appearance and colours. Pairs follow method section 5: when both halves hold the same class set
 the query half is masked, otherwise a random share of all patches (``mask_ratio``).
 
 Every sample draws from its own (seed, step, index) stream and the held-out episodes from a separate stream, so a
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fewseg.checkpoints import BASE_FORMAT, FORMAT_VERSION, load_resume, save_torch
-from fewseg.data import blur, query_half_patches, random_patches, resize_image, resize_nearest
+from fewseg.data import blur, pair_canvas, query_half_patches, resize_image, resize_nearest
 from fewseg.demo import _noise
 from fewseg.errors import ConfigError
 from fewseg.metrics import ConfusionMatrix
@@ -197,16 +197,7 @@ def episode(
         if augment and rng.random() < settings["blur_prob"]:
             image = blur(image, float(rng.uniform(*settings["blur_sigma"])))
         halves.append((image, ids))
-    (img_a, ids_a), (img_b, ids_b) = halves
-    same = set(np.unique(ids_a).tolist()) == set(np.unique(ids_b).tolist())
-    mask = query_half_patches(grid) if same else random_patches(grid, settings["mask_ratio"], rng)
-    return {
-        "image": np.concatenate([img_a, img_b], axis=0),
-        "label": np.concatenate([palette[ids_a], palette[ids_b]], axis=0),
-        "ids": np.concatenate([ids_a, ids_b], axis=0),
-        "palette": palette,
-        "mask": mask,
-    }
+    return pair_canvas(halves[0], halves[1], palette, grid, settings["mask_ratio"], rng)
 
 
 def training_sample(settings: dict, step: int, index: int, tile: tuple[int, int], grid: tuple[int, int]) -> dict:

@@ -1,4 +1,4 @@
-"""The learnable prompt of a novel class (SPEC section 6) and the dense multi-scale crops it is trained on."""
+"""The learnable prompt of a novel class (method section 6) and the dense multi-scale crops it is trained on."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-iteration cosine schedule with warm restarts (SPEC sections 5 and 6), as a pure function of the step.
+"""Per-iteration cosine schedule with warm restarts (method sections 5 and 6), as a pure function of the step.
 
 Each cycle warms up linearly from ``min_lr`` to its peak over ``warmup`` steps, then follows a cosine down to
 ``min_lr``. The first cycle lasts ``first_cycle`` steps; each next cycle's post-warm-up part is ``cycle_mult`` times

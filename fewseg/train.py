@@ -1,4 +1,4 @@
-"""Base fine-tuning (SPEC section 5) and two-phase prompt learning (SPEC section 6).
+"""Base fine-tuning (method section 5) and two-phase prompt learning (method section 6).
 
 Both loops checkpoint every few steps and resume from the last checkpoint when rerun after a kill; because every
 random draw of a step derives from (seed, step), a resumed run ends with the same weights as an uninterrupted one

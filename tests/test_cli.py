@@ -272,3 +272,14 @@ def test_pretrain_bad_settings(tmp_path, capsys):
     assert "warmup_steps 5 must be below pretraining/steps 3" in err and "Traceback" not in err
     assert main(["pretrain", "--config", str(_pretrain_config(tmp_path, preset="huge"))]) == 1
     assert "pretraining/preset" in capsys.readouterr().err
+
+
+def test_check_config_takes_a_one_class_file_as_the_workflow_does(tmp_path, capsys):
+    from test_class_sets import one_novel_class
+
+    from fewseg.config import load_yaml
+
+    user = one_novel_class(load_yaml(Path(__file__).resolve().parent.parent / "config.yaml"))
+    path = tmp_path / "one-class.yaml"
+    path.write_text(yaml.safe_dump(user))
+    assert main(["check-config", "--no-paths", str(path)]) == 0
