@@ -77,10 +77,7 @@ def convert_train(
     labels = _list_tiles(labels_dir, "label")
     for stem in sorted(images.keys() | labels.keys()):
         if stem not in labels:
-            raise InputError(
-                images[stem],
-                f"image has no label: every train image needs one, expected {labels_dir / (stem + '.tif')}",
-            )
+            raise InputError(images[stem], image_without_label(stem, labels_dir))
         if stem not in images:
             raise InputError(labels[stem], _label_without_image(stem, images_dir))
 
@@ -154,9 +151,7 @@ def split_support(
     images_dir, labels_dir, out_dir = Path(images_dir), Path(labels_dir), Path(out_dir)
     inputs = [images_dir, labels_dir] + ([Path(train_images_dir)] if train_images_dir is not None else [])
     _check_out_dir(out_dir, *inputs)
-    if isinstance(train_stems, str):
-        train_stems = [train_stems]
-    train_stems = set(train_stems)
+    train_stems = {train_stems} if isinstance(train_stems, str) else set(train_stems)
 
     # --- validate everything -----------------------------------------------------------------------------------
     images = _list_tiles(images_dir, "image")
@@ -164,76 +159,125 @@ def split_support(
     for stem in sorted(labels):
         if stem not in images:
             raise InputError(labels[stem], _label_without_image(stem, images_dir))
-
-    if split_lists is None:
-        listed: dict[str, int] | None = None
-        support_stems = sorted(labels)
-        query_stems = sorted(images.keys() - labels.keys())
-    else:
-        listed, query_stems = _parse_split_lists(split_lists, novel, images, labels, images_dir, labels_dir)
-        support_stems = sorted(listed)
+    listed, support_stems, query_stems = split_stems(images, labels, images_dir, labels_dir, novel, split_lists)
     if not query_stems:
         raise InputError(images_dir, "no query tiles: every image has a label, so all are taken as support tiles")
     for stem in query_stems:  # cheap check first, before any pixel is read
         if stem in train_stems:
-            raise InputError(
-                images[stem],
-                f"query tile {stem!r} is also a train tile (same stem in the train set); "
-                "a query must not be trained on",
-            )
-
-    allowed = {0, *novel} | _ignore_set(ignore_index)
-    allowed_text = (
-        f"support labels may hold 0, the novel classes {_fmt_ids(novel)}" + _ignore_text(ignore_index) + " only"
-    )
-    support: dict[int, list[str]] = {c: [] for c in novel}
-    for stem in support_stems:
-        _, _, counts = _check_pair(images[stem], labels[stem], allowed, allowed_text)
-        found = [c for c in novel if counts[c]]
-        if not found:
-            raise InputError(
-                labels[stem],
-                f"support label holds no novel-class pixel (no {_fmt_ids(novel, 'or')}); "
-                "a support tile must show exactly one novel class",
-            )
-        if len(found) > 1:
-            raise InputError(
-                labels[stem],
-                f"support label holds {'two' if len(found) == 2 else len(found)} novel classes, "
-                f"{_fmt_pixels(counts, found)}; "
-                "a support tile must show exactly one novel class",
-            )
-        if listed is not None and listed[stem] != found[0]:
-            raise InputError(
-                labels[stem],
-                f"listed in the split lists as a support tile of class {listed[stem]}, "
-                f"but its label holds class {found[0]}",
-            )
-        support[found[0]].append(stem)
+            raise InputError(images[stem], query_is_train_tile(stem))
+    support = _classify_support(images, labels, support_stems, novel, listed, ignore_index)
     where = "in the split lists" if listed is not None else f"among the labels in {labels_dir}"
     for cls in novel:
-        if not support[cls]:
-            raise InputError(labels_dir, f"novel class {cls} has no support tile {where} ({shots} needed)")
-        if len(support[cls]) < shots:
-            n = len(support[cls])
-            raise InputError(
-                labels_dir,
-                f"novel class {cls} has only {n} support tile{'s' if n != 1 else ''} {where} "
-                f"({', '.join(support[cls])}); {shots} needed",
-            )
+        problem = shots_problem(cls, support[cls], shots, where)
+        if problem:
+            raise InputError(labels_dir, problem)
+    queries = _query_records(images, query_stems, train_images_dir)
 
+    # --- write ---------------------------------------------------------------------------------------------------
+    support_json = {str(c): stems for c, stems in support.items()}
+    with io.atomic_dir(out_dir) as tmp:
+        for cls, stems in support.items():
+            (tmp / str(cls) / "images").mkdir(parents=True)
+            for stem in stems:
+                shutil.copyfile(images[stem], tmp / str(cls) / "images" / f"{stem}.tif")
+                label = _read(io.read_label, labels[stem])
+                io.write_png(tmp / str(cls) / "labels" / f"{stem}.png", (label == cls).astype(np.uint8))
+        io.write_json(tmp / "support.json", support_json)
+        io.write_json(tmp / "query.json", {"queries": queries})
+    return {"support": support_json, "queries": queries}
+
+
+def split_stems(
+    images: dict[str, Path],
+    labels: dict[str, Path],
+    images_dir: Path,
+    labels_dir: Path,
+    novel: list[int],
+    split_lists: Mapping[str, Any] | None,
+) -> tuple[dict[str, int] | None, list[str], list[str]]:
+    """(listed support class per stem or None, support stems, query stems): from the split lists when given,
+    otherwise labelled images are support tiles and the rest are queries."""
+    if split_lists is None:
+        return None, sorted(labels.keys() & images.keys()), sorted(images.keys() - labels.keys())
+    listed, query_stems = _parse_split_lists(split_lists, novel, images, labels, images_dir, labels_dir)
+    return listed, sorted(listed), query_stems
+
+
+def support_allowed(novel: Sequence[int], ignore_index: int | None) -> tuple[set[int], str]:
+    """Label values a support tile may hold, and how to say so."""
+    allowed = {0, *novel} | _ignore_set(ignore_index)
+    return allowed, f"support labels may hold 0, the novel classes {_fmt_ids(novel)}" + _ignore_text(ignore_index) + (
+        " only"
+    )
+
+
+def support_class(label: Path, counts: np.ndarray, novel: Sequence[int], listed: int | None) -> int:
+    """The one novel class a support label shows (``counts``: its value histogram); InputError otherwise."""
+    found = [c for c in novel if counts[c]]
+    if not found:
+        raise InputError(
+            label,
+            f"support label holds no novel-class pixel (no {_fmt_ids(novel, 'or')}); "
+            "a support tile must show exactly one novel class",
+        )
+    if len(found) > 1:
+        raise InputError(
+            label,
+            f"support label holds {'two' if len(found) == 2 else len(found)} novel classes, "
+            f"{_fmt_pixels(counts, found)}; a support tile must show exactly one novel class",
+        )
+    if listed is not None and listed != found[0]:
+        raise InputError(
+            label,
+            f"listed in the split lists as a support tile of class {listed}, but its label holds class {found[0]}",
+        )
+    return found[0]
+
+
+def shots_problem(cls: int, stems: Sequence[str], shots: int, where: str) -> str | None:
+    """What is wrong with a class's support tiles, if they are fewer than ``shots``."""
+    n = len(stems)
+    if n >= shots:
+        return None
+    if n == 0:
+        return f"novel class {cls} has no support tile {where} ({shots} needed)"
+    tiles = f"{n} support tile{'s' if n != 1 else ''}"
+    return f"novel class {cls} has only {tiles} {where} ({', '.join(stems)}); {shots} needed"
+
+
+def query_is_train_tile(stem: str) -> str:
+    return f"query tile {stem!r} is also a train tile (same stem in the train set); a query must not be trained on"
+
+
+def _classify_support(
+    images: dict[str, Path],
+    labels: dict[str, Path],
+    stems: list[str],
+    novel: list[int],
+    listed: dict[str, int] | None,
+    ignore_index: int | None,
+) -> dict[int, list[str]]:
+    """Support stems per novel class, every pixel of each support pair read and checked."""
+    allowed, allowed_text = support_allowed(novel, ignore_index)
+    support: dict[int, list[str]] = {c: [] for c in novel}
+    for stem in stems:
+        _, _, counts = _check_pair(images[stem], labels[stem], allowed, allowed_text)
+        support[support_class(labels[stem], counts, novel, None if listed is None else listed[stem])].append(stem)
+    return support
+
+
+def _query_records(
+    images: dict[str, Path], query_stems: list[str], train_images_dir: PathLike | None
+) -> list[dict[str, Any]]:
+    """Each query's path and size, every pixel decoded; a query with the pixels of a train image is refused."""
     queries = []
     query_hashes: dict[str, str] = {}
     for stem in query_stems:
         image = _read(io.read_image, images[stem])
         queries.append(
-            {
-                "stem": stem,
-                "image": os.path.abspath(images[stem]),
-                "height": int(image.shape[0]),
-                "width": int(image.shape[1]),
-            }
-        )
+            {"stem": stem, "image": os.path.abspath(images[stem]), "height": int(image.shape[0]),
+             "width": int(image.shape[1])}
+        )  # fmt: skip
         if train_images_dir is not None:
             query_hashes.setdefault(_pixel_hash(image), stem)
         del image
@@ -245,21 +289,7 @@ def split_support(
                     images[stem],
                     f"query tile has the same pixels as train tile {train_path}; a query must not be trained on",
                 )
-
-    support_json = {str(c): stems for c, stems in support.items()}
-    query_json = {"queries": queries}
-
-    # --- write ---------------------------------------------------------------------------------------------------
-    with io.atomic_dir(out_dir) as tmp:
-        for cls, stems in support.items():
-            (tmp / str(cls) / "images").mkdir(parents=True)
-            for stem in stems:
-                shutil.copyfile(images[stem], tmp / str(cls) / "images" / f"{stem}.tif")
-                label = _read(io.read_label, labels[stem])
-                io.write_png(tmp / str(cls) / "labels" / f"{stem}.png", (label == cls).astype(np.uint8))
-        io.write_json(tmp / "support.json", support_json)
-        io.write_json(tmp / "query.json", query_json)
-    return {"support": support_json, "queries": queries}
+    return queries
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,6 +341,10 @@ def _list_tiles(folder: Path, what: str) -> dict[str, Path]:
                 "so the two would share output files",
             )
     return tiles
+
+
+def image_without_label(stem: str, labels_dir: Path) -> str:
+    return f"image has no label: every train image needs one, expected {labels_dir / (stem + '.tif')}"
 
 
 def _label_without_image(stem: str, images_dir: Path) -> str:

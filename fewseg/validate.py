@@ -24,7 +24,19 @@ import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from fewseg.convert import _class_ids, _fmt_ids, _fmt_pixels, _label_without_image, _list_tiles, _parse_split_lists
+from fewseg.convert import (
+    _class_ids,
+    _fmt_ids,
+    _fmt_pixels,
+    _label_without_image,
+    _list_tiles,
+    image_without_label,
+    query_is_train_tile,
+    shots_problem,
+    split_stems,
+    support_allowed,
+    support_class,
+)
 from fewseg.io import InputError, atomic_path
 
 PathLike = str | os.PathLike
@@ -253,10 +265,7 @@ def _check_train(spec: DatasetSpec, problems: _Problems, cache: FactCache) -> di
     allowed_text = f"train labels may hold 0, the base classes {_fmt_ids(base)}" + _ignore_text(spec)
     for stem in sorted(images.keys() | labels.keys()):
         if stem not in labels:
-            problems.add(
-                images[stem],
-                f"image has no label: every train image needs one, expected {labels_dir / (stem + '.tif')}",
-            )
+            problems.add(images[stem], image_without_label(stem, labels_dir))
         elif stem not in images:
             problems.add(labels[stem], _label_without_image(stem, images_dir))
         else:
@@ -275,65 +284,37 @@ def _check_test(spec: DatasetSpec, problems: _Problems, cache: FactCache, train_
     for stem in sorted(labels.keys() - images.keys()):
         problems.add(labels[stem], _label_without_image(stem, images_dir))
 
-    listed: dict[str, int] | None = None
-    if spec.split_lists is None:
-        support_stems = sorted(labels.keys() & images.keys())
-        query_stems = sorted(images.keys() - labels.keys())
-    else:
-        try:
-            listed, query_stems = _parse_split_lists(spec.split_lists, novel, images, labels, images_dir, labels_dir)
-        except InputError as err:
-            problems.items.append(err)
-            return {"support": {}, "queries": 0}
-        support_stems = sorted(listed)
+    try:
+        listed, support_stems, query_stems = split_stems(
+            images, labels, images_dir, labels_dir, novel, spec.split_lists
+        )
+    except InputError as err:
+        problems.items.append(err)
+        return {"support": {}, "queries": 0}
     if not query_stems:
         problems.add(images_dir, "no query tiles: every image has a label, so all are taken as support tiles")
 
-    allowed = {0, *novel} | _ignore(spec)
-    allowed_text = f"support labels may hold 0, the novel classes {_fmt_ids(novel)}" + _ignore_text(spec) + " only"
+    allowed, allowed_text = support_allowed(novel, spec.ignore_index)
     support: dict[int, list[str]] = {c: [] for c in novel}
     for stem in support_stems:
         counts = _check_pair(problems, cache, images[stem], labels[stem], allowed, allowed_text)
         if counts is None:
             continue
-        found = [c for c in novel if counts[c]]
-        if not found:
-            problems.add(
-                labels[stem],
-                f"support label holds no novel-class pixel (no {_fmt_ids(novel, 'or')}); "
-                "a support tile must show exactly one novel class",
-            )
-        elif len(found) > 1:
-            problems.add(
-                labels[stem],
-                f"support label holds {'two' if len(found) == 2 else len(found)} novel classes, "
-                f"{_fmt_pixels(counts, found)}; a support tile must show exactly one novel class",
-            )
-        elif listed is not None and listed[stem] != found[0]:
-            problems.add(
-                labels[stem],
-                f"listed in the split lists as a support tile of class {listed[stem]}, "
-                f"but its label holds class {found[0]}",
-            )
-        else:
-            support[found[0]].append(stem)
+        try:
+            support[support_class(labels[stem], counts, novel, None if listed is None else listed[stem])].append(stem)
+        except InputError as err:
+            problems.items.append(err)
     where = "in the split lists" if listed is not None else f"among the labels in {labels_dir}"
     for cls in novel:
-        n = len(support[cls])
-        if n < spec.shots:
-            have = "no support tile" if n == 0 else f"only {n} support tile{'s' if n != 1 else ''}"
-            shown = f" ({', '.join(support[cls])})" if n else ""
-            problems.add(labels_dir, f"novel class {cls} has {have} {where}{shown}; {spec.shots} needed")
+        problem = shots_problem(cls, support[cls], spec.shots, where)
+        if problem:
+            problems.add(labels_dir, problem)
 
     all_classes = {0, *spec.base, *novel} | _ignore(spec)
     for stem in query_stems:
         path = images[stem]
         if stem in train_stems:
-            problems.add(
-                path,
-                f"query tile {stem!r} is also a train tile (same stem in the train set); "
-                "a query must not be trained on",
-            )
+            problems.add(path, query_is_train_tile(stem))
         facts = cache.facts(path, with_values=False)
         image_ok = _check_raster(problems, path, facts, 3, "query image")
         if spec.query_labels is not None:
