@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
-from workflow_utils import load_test_config, modified, snakemake, write_config
+from workflow_utils import load_test_config, modified, rewrite_raster, snakemake, support_label_of, write_config
 
 from fewseg.demo import make_demo_dataset
 
@@ -25,23 +24,6 @@ def _first(folder: Path) -> Path:
     return sorted(folder.glob("*.tif"))[0]
 
 
-def _rewrite_label(path: Path, fn) -> None:
-    with rasterio.open(path) as src:
-        data, profile = src.read(), src.profile
-    data = fn(data)
-    profile.update(height=data.shape[1], width=data.shape[2])
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-
-
-def _support_label_of(root: Path, cls: int) -> Path:
-    for path in sorted((root / "testset/labels").glob("*.tif")):
-        with rasterio.open(path) as src:
-            if cls in np.unique(src.read(1)):
-                return path
-    raise AssertionError(f"no support tile of class {cls}")
-
-
 def drop_train_label(root):
     path = _first(root / "trainset/labels")
     path.unlink()
@@ -57,24 +39,24 @@ def truncate_train_image(root):
 
 def label_out_of_range(root):
     path = _first(root / "trainset/labels")
-    _rewrite_label(path, lambda d: np.where(d == d.max(), 9, d).astype(np.uint8))
+    rewrite_raster(path, lambda d: np.where(d == d.max(), 9, d).astype(np.uint8))
     return path.name, "outside the configured classes"
 
 
 def two_novel_classes(root):
-    path = _support_label_of(root, 8)
-    _rewrite_label(path, lambda d: np.concatenate([d[:, :2] * 0 + 9, d[:, 2:]], axis=1).astype(np.uint8))
+    path = support_label_of(root, 8)
+    rewrite_raster(path, lambda d: np.concatenate([d[:, :2] * 0 + 9, d[:, 2:]], axis=1).astype(np.uint8))
     return path.name, "two novel classes"
 
 
 def size_mismatch(root):
     path = _first(root / "trainset/labels")
-    _rewrite_label(path, lambda d: d[:, :-4])
+    rewrite_raster(path, lambda d: d[:, :-4])
     return path.name, "differs from its image"
 
 
 def too_few_shots(root):
-    label = _support_label_of(root, 9)
+    label = support_label_of(root, 9)
     label.unlink()
     (root / "testset/images" / label.name).unlink()
     return "class 9", "support tile"

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
-from workflow_utils import job_counts, load_test_config, modified, snakemake, write_config
+from workflow_utils import (
+    job_counts,
+    load_test_config,
+    modified,
+    rewrite_raster,
+    snakemake,
+    support_label_of,
+    write_config,
+)
 
 from fewseg.config import ConfigError, check_config, load_yaml
 from fewseg.demo import make_demo_dataset
@@ -39,27 +46,9 @@ def spec_of(root: Path, **changes) -> DatasetSpec:
     return DatasetSpec.from_settings(root, {"dataset": dataset, "base": BASE, "novel": NOVEL})
 
 
-def _rewrite(path: Path, fn, **profile_changes) -> None:
-    with rasterio.open(path) as src:
-        data, profile = src.read(), src.profile
-    data = fn(data)
-    profile.update(count=data.shape[0], height=data.shape[1], width=data.shape[2], dtype=data.dtype.name)
-    profile.update(profile_changes)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-
-
 def query_images(root: Path) -> list[Path]:
     labelled = {p.stem for p in (root / "testset/labels").glob("*.tif")}
     return sorted(p for p in (root / "testset/images").glob("*.tif") if p.stem not in labelled)
-
-
-def support_label(root: Path, cls: int) -> Path:
-    for path in sorted((root / "testset/labels").glob("*.tif")):
-        with rasterio.open(path) as src:
-            if cls in np.unique(src.read(1)):
-                return path
-    raise AssertionError(f"no support tile of class {cls}")
 
 
 # Each breaker damages one file of a good dataset and returns (file name, phrase the error must hold).
@@ -74,37 +63,37 @@ def truncated_query(root):
 
 def one_band_query(root):
     path = query_images(root)[1]
-    _rewrite(path, lambda d: d[:1])
+    rewrite_raster(path, lambda d: d[:1])
     return path.name, "expected 3 bands (RGB), found 1"
 
 
 def float_support_image(root):
-    path = root / "testset/images" / support_label(root, 10).name
-    _rewrite(path, lambda d: d.astype(np.float32))
+    path = root / "testset/images" / support_label_of(root, 10).name
+    rewrite_raster(path, lambda d: d.astype(np.float32))
     return path.name, "expected uint8 pixels, found float32"
 
 
 def support_class_without_pixels(root):
-    path = support_label(root, 11)
-    _rewrite(path, lambda d: np.where(d == 11, 0, d).astype(np.uint8))
+    path = support_label_of(root, 11)
+    rewrite_raster(path, lambda d: np.where(d == 11, 0, d).astype(np.uint8))
     return path.name, "holds no novel-class pixel"
 
 
 def support_label_without_image(root):
-    label = support_label(root, 9)
+    label = support_label_of(root, 9)
     (root / "testset/images" / label.name).unlink()
     return label.name, "label has no image"
 
 
 def train_label_out_of_range(root):
     path = sorted((root / "trainset/labels").glob("*.tif"))[0]
-    _rewrite(path, lambda d: np.where(d == d.max(), 9, d).astype(np.uint8))
+    rewrite_raster(path, lambda d: np.where(d == d.max(), 9, d).astype(np.uint8))
     return path.name, "outside the configured classes"
 
 
 def train_label_wrong_size(root):
     path = sorted((root / "trainset/labels").glob("*.tif"))[1]
-    _rewrite(path, lambda d: d[:, :-4])
+    rewrite_raster(path, lambda d: d[:, :-4])
     return path.name, "differs from its image"
 
 
@@ -147,7 +136,7 @@ def test_every_problem_is_reported_at_once(dataset):
 
 def test_listing_stops_at_the_limit(dataset):
     for path in (dataset / "trainset/labels").glob("*.tif"):
-        _rewrite(path, lambda d: np.full_like(d, 42))
+        rewrite_raster(path, lambda d: np.full_like(d, 42))
     with pytest.raises(DatasetErrors) as info:
         validate_dataset(spec_of(dataset), max_listed=2)
     assert len(info.value.problems) == 4

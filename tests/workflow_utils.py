@@ -81,3 +81,28 @@ def modified(config: dict, changes: dict) -> dict:
             node = node[int(key) if key.isdigit() and int(key) in node else key]
         node[int(last) if last.isdigit() and int(last) in node else last] = value
     return config
+
+
+def rewrite_raster(path: Path, fn, **profile_changes) -> None:
+    """Rewrite a GeoTIFF with ``fn`` applied to its (bands, H, W) pixels: how the bad-input tests damage a tile."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        data, profile = src.read(), src.profile
+    data = fn(data)
+    profile.update(count=data.shape[0], height=data.shape[1], width=data.shape[2], dtype=data.dtype.name)
+    profile.update(profile_changes)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+
+
+def support_label_of(root: Path, cls: int) -> Path:
+    """The first support label (in <root>/testset/labels) that shows class ``cls``."""
+    import numpy as np
+    import rasterio
+
+    for path in sorted((root / "testset/labels").glob("*.tif")):
+        with rasterio.open(path) as src:
+            if cls in np.unique(src.read(1)):
+                return path
+    raise AssertionError(f"no support tile of class {cls}")
