@@ -8,12 +8,20 @@ Training, inference, the stages and the benches all take these from here, so ``r
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("fp32", "bf16")
+log = logging.getLogger("fewseg.runtime")
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# CPU flags of native bf16 matrix products: AVX512-BF16 (dot products) and AMX (tiles). Without them PyTorch
+# emulates bf16 through fp32, which is slower than fp32 itself.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def pick_device(device: str) -> torch.device:
@@ -27,11 +35,60 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """A fresh context for ``runtime/precision``: bf16 autocast on ``device``'s type, or nothing for fp32."""
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """The native-bf16 flags this CPU reports (empty where there are none, or no /proc/cpuinfo)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 natively, and why (for the job's log)."""
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{name} supports bf16"
+        return False, f"{name} has no native bf16"
+    if device.type == "cpu":
+        flags = cpu_bf16_flags()
+        if flags:
+            return True, f"the CPU has {' and '.join(flags)}"
+        return False, "the CPU has neither " + " nor ".join(CPU_BF16_FLAGS) + " (bf16 would be emulated)"
+    return False, f"no bf16 check for {device.type} devices"
+
+
+@functools.cache
+def _auto_precision(device: torch.device) -> str:
+    native, why = native_bf16(device)
+    chosen = "bf16" if native else "fp32"
+    log.info("runtime/precision auto: %s on %s, because %s", chosen, device, why)
+    return chosen
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``fp32`` or ``bf16`` for ``runtime/precision``: ``auto`` is bf16 where ``device`` does bf16 natively (CUDA
+    with bf16, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere; the first resolution is logged with its reason."""
     if precision not in PRECISIONS:
         raise ValueError(f"runtime/precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16":
+    return _auto_precision(device) if precision == "auto" else precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """A fresh context for ``runtime/precision``: bf16 autocast on ``device``'s type, or nothing for fp32.
+
+    Under bf16 autocast the matrix products run in bf16 while what bf16 would hurt stays fp32: layer norms and the
+    softmax statistics inside ``scaled_dot_product_attention`` are kept in fp32 by PyTorch, and the callers take the
+    loss and the palette decode on ``.float()`` predictions.
+    """
+    if resolve_precision(device, precision) == "bf16":
         import torch
 
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
