@@ -29,6 +29,9 @@ class SegGPTConfig:
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
     loss_beta: float = 0.01
+    # Recompute each transformer block in the backward pass instead of keeping its activations (the attention's
+    # relative-position terms, the MLP's hidden layer): on in the vit_large preset and for ViT-L widths read off
+    # weights (fewseg.weights).
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -82,7 +85,7 @@ class SegGPTConfig:
 
 PRESETS: dict[str, SegGPTConfig] = {
     # The released model, about 370M parameters.
-    "vit_large": SegGPTConfig(),
+    "vit_large": SegGPTConfig(grad_checkpointing=True),
     # Small enough to fine-tune on a laptop CPU.
     "tiny": SegGPTConfig(
         embed_dim=128,

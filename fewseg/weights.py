@@ -210,6 +210,10 @@ def to_painter_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
     return {"model": checkpoint_filter_fn(state_dict)}
 
 
+# Width from which a model trains with activation checkpointing by default (ViT-L: 1024).
+LARGE_MODEL_DIM = 1024
+
+
 def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> SegGPTConfig:
     """Architecture read off the tensor shapes of a checkpoint (any supported layout).
 
@@ -240,6 +244,8 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> SegGPTConfi
         "pretrain_grid": math.isqrt(sd["pos_embed"].shape[1] - 1),
         "decoder_dim": dec_out // (patch * patch),
         "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+        # ViT-L sizes train with per-block activation checkpointing unless told otherwise, as the preset does
+        "grad_checkpointing": dim >= LARGE_MODEL_DIM,
     }
     feature_layers = overrides.pop(
         "feature_layers", tuple((i + 1) * depth // n_features - 1 for i in range(n_features))
