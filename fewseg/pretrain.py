@@ -302,7 +302,8 @@ def pretrain(
     progress_stream=None,
     stop_after: int | None = None,
 ) -> dict:
-    """Pretrain ``pretraining/preset`` in-context from scratch; writes the last weights, history CSV and plot.
+    """Pretrain ``pretraining/preset`` in-context from scratch, or continue from ``pretraining/start_from``; writes
+    the last weights, history CSV and plot.
 
     ``stop_after`` ends this call after that many steps in all, with a checkpoint instead of outputs, as a job
     stopped by a time limit would; the next call with the same settings resumes there and finishes.
@@ -313,7 +314,13 @@ def pretrain(
     precision = settings["runtime"]["precision"]
     device = pick_device(settings["runtime"]["device"])
     torch.manual_seed(seed)
-    model = build_model(p["preset"], **(p.get("overrides") or {})).to(device)
+    if p.get("start_from"):
+        from fewseg.weights import load_pretrained
+
+        model = load_pretrained(p["start_from"], **(p.get("overrides") or {})).to(device)
+        log.info("continuing from %s (fingerprint %s)", p["start_from"], fingerprint(model))
+    else:
+        model = build_model(p["preset"], **(p.get("overrides") or {})).to(device)
     cfg = model.config
     if p["working_size"] < max(cfg.tile_size):
         raise ConfigError(f"pretraining/working_size {p['working_size']} is below the model tile {cfg.tile_size}")
@@ -395,7 +402,8 @@ def pretrain(
         return {"stopped_at": end, "seconds": elapsed}
     final = history[-1].get("val_miou") if history else None
     meta = {
-        "source": "in-context pretraining", "steps": p["steps"], "final_val_miou": final, "best": best,
+        "source": "in-context pretraining", "start_from": p.get("start_from"), "steps": p["steps"],
+        "final_val_miou": final, "best": best,
         "val_baseline_miou": baseline,
     }  # fmt: skip
     fp = save_pretrained(out_model, model.cpu(), meta, fp16=p["fp16"])
@@ -409,7 +417,11 @@ def pretrain(
 def pretrain_stage(input, output, params, progress=None) -> None:
     """The workflow's ``pretrain`` rule (see :func:`fewseg.stages.run_stage`)."""
     get = params.get if isinstance(params, dict) else params.__getattribute__
+    settings = get("settings")
+    start = getattr(input, "start", None)
+    if start:  # the file the workflow found (the working directory first, then the workflow's folder)
+        settings = {**settings, "pretraining": {**settings["pretraining"], "start_from": str(start)}}
     result = pretrain(
-        output.model, output.history, output.plot, get("checkpoint_dir"), get("settings"), progress_stream=progress
+        output.model, output.history, output.plot, get("checkpoint_dir"), settings, progress_stream=progress
     )
     log.info("pretrained model: %s", result)

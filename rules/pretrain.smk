@@ -3,6 +3,8 @@
 
 
 rule pretrain:
+    input:
+        start=pretraining_start(),
     output:
         model="results/pretrain/model.pt",
         history="results/pretrain/history.csv",

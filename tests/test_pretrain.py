@@ -217,3 +217,17 @@ def test_stage_glue_writes_the_rule_outputs(tmp_path):
     params = SimpleNamespace(settings=_settings(steps=2), checkpoint_dir=str(tmp_path / "ckpt"))
     pretrain_stage(SimpleNamespace(), output, params)
     assert all(Path(p).is_file() for p in vars(output).values())
+
+
+def test_a_second_stage_continues_from_the_first_stages_weights(tmp_path, caplog):
+    first = _run(tmp_path, "first", _settings(steps=2))
+    start = str(tmp_path / "first/model.pt")
+    with caplog.at_level(logging.INFO, logger="fewseg.pretrain"):
+        second = _run(tmp_path, "second", _settings(steps=2, start_from=start))
+    assert f"continuing from {start} (fingerprint {first['fingerprint']})" in caplog.text
+    assert second["start_from"] == start and second["fingerprint"] != first["fingerprint"]
+    # the workflow hands the file it found to the stage, which continues from it
+    output = SimpleNamespace(**{k: str(tmp_path / "stage" / f"{k}.x") for k in ("model", "history", "plot")})
+    params = SimpleNamespace(settings=_settings(steps=2, start_from="not/here.pt"), checkpoint_dir=str(tmp_path / "c"))
+    pretrain_stage(SimpleNamespace(start=start), output, params)
+    assert load_base_model(output.model)[1]["fingerprint"] == second["fingerprint"]
