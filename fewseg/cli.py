@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fewseg.config import PACKAGE_DIR, ConfigError, check_config, drop_default_classes, load_yaml
+from fewseg.config import PACKAGE_DIR, ConfigError, adapt_defaults, check_config, load_yaml
 from fewseg.errors import WeightsError
 from fewseg.io import IMAGE_SUFFIXES, InputError
 
@@ -61,12 +61,15 @@ def layered_config(files: Sequence[str | Path], defaults: bool = True) -> dict:
         config = deep_merge(config, layer)
         if n or not defaults:
             overrides = deep_merge(overrides, layer)
-    # as the workflow does: config.yaml's entries for classes the given files do not configure are dropped
-    return drop_default_classes(config, overrides) if defaults else config
+    # as the workflow does: config.yaml's entries for classes the given files do not configure are dropped, and
+    # weights the files name must exist
+    return adapt_defaults(config, overrides) if defaults else config
 
 
 def _checked_config(files: Sequence[str], defaults: bool, check_paths: bool) -> dict:
-    return check_config(layered_config(files, defaults), Path.cwd(), check_paths=check_paths)
+    return check_config(
+        layered_config(files, defaults), Path.cwd(), check_paths=check_paths, resource_dirs=[PACKAGE_DIR.parent]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

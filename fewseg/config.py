@@ -11,7 +11,8 @@ import dataclasses
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -240,15 +241,41 @@ def _check_model(config: dict) -> None:
         raise ConfigError(f"model/overrides: {err}") from None
 
 
-def _check_paths(config: dict, base: Path) -> None:
+def _resolve(value: str, base: Path) -> Path:
+    return Path(value) if Path(value).is_absolute() else base / value
+
+
+def _resolve_weights(config: dict, base: Path, resource_dirs: Sequence[str | os.PathLike]) -> None:
+    """A relative model/weights path is looked up in the working directory, then in ``resource_dirs`` (the
+    workflow's own folder, which ships resources/pretrain); a file found only there is used by its full path."""
+    weights = config["model"]["weights"]
+    if not weights or _resolve(weights, base).is_file():
+        return
+    if not Path(weights).is_absolute():
+        for folder in resource_dirs:
+            if (Path(folder) / weights).is_file():
+                config["model"]["weights"] = str((Path(folder) / weights).resolve())
+                return
+    if config["model"].get("missing_weights") == "scratch":
+        # The demo's shipped weights are optional: without them it trains the preset from scratch, and says so.
+        print(
+            f"fewseg warning: model/weights: file {weights!r} does not exist; training the "
+            f"{config['model']['preset']!r} preset from scratch (model/missing_weights: scratch)",
+            file=sys.stderr,
+        )
+        config["model"]["weights"] = None
+
+
+def _check_paths(config: dict, base: Path, resource_dirs: Sequence[str | os.PathLike] = ()) -> None:
     def must_exist(value: str | None, where: str, kind: str = "file") -> None:
         if value is None:
             return
-        path = Path(value) if Path(value).is_absolute() else base / value
+        path = _resolve(value, base)
         ok = path.is_dir() if kind == "folder" else path.is_file()
         if not ok:
             raise ConfigError(f"{where}: {kind} {value!r} does not exist")
 
+    _resolve_weights(config, base, resource_dirs)
     must_exist(config["model"]["weights"], "model/weights")
     must_exist(config["mapping"]["weights"], "mapping/weights")
     must_exist(config["dataset"]["split_lists"], "dataset/split_lists")
@@ -279,6 +306,18 @@ def _node(config: dict, path: tuple[str, ...]) -> Any:
         if not isinstance(config, dict) or key not in config:
             return None
         config = config[key]
+    return config
+
+
+def adapt_defaults(config: dict, overrides: dict) -> dict:
+    """config.yaml's defaults that must not carry over to a user's own settings: the entries of classes the user's
+    files do not configure (:func:`drop_default_classes`), and the demo's permission to train from scratch when
+    its weights are missing: weights a user names must exist (``model.missing_weights: error`` unless they say)."""
+    config = drop_default_classes(config, overrides)
+    own_model = overrides.get("model") if isinstance(overrides, dict) else None
+    if isinstance(own_model, dict) and "weights" in own_model and "missing_weights" not in own_model:
+        if isinstance(config.get("model"), dict):
+            config = {**config, "model": {**config["model"], "missing_weights": "error"}}
     return config
 
 
@@ -317,8 +356,15 @@ def drop_default_classes(config: dict, overrides: dict) -> dict:
     return config
 
 
-def check_config(config: dict, base_dir: str | os.PathLike = ".", check_paths: bool = True) -> dict:
+def check_config(
+    config: dict,
+    base_dir: str | os.PathLike = ".",
+    check_paths: bool = True,
+    resource_dirs: Sequence[str | os.PathLike] = (),
+) -> dict:
     """Validate ``config`` (schema, then cross-field and path checks); return it with int class keys.
+
+    ``resource_dirs``: where a relative model/weights path not found under ``base_dir`` is looked for next.
 
     Numbers that YAML 1.1 left as strings (``lr: 1e-3``) come back as numbers.
     """
@@ -329,7 +375,7 @@ def check_config(config: dict, base_dir: str | os.PathLike = ".", check_paths: b
     _check_novel_maps(config)
     _check_model(config)
     if check_paths:
-        _check_paths(config, Path(base_dir))
+        _check_paths(config, Path(base_dir), resource_dirs)
     return config
 
 
@@ -471,10 +517,10 @@ STAGE_ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "validate": ("validate_dataset",),
     "convert": ("convert_train_masks", "split_support"),
     "mapping": ("embed_tiles", "rank_prompts"),
-    "train": ("train_base", "train_prompt"),
+    "train": ("train_base", "select_support_pair", "train_prompt"),
     "infer": ("infer_base", "infer_novel"),
     "overlay": ("overlay_step",),
-    "submission": ("make_submission", "evaluate", "job_statistics"),
+    "submission": ("make_submission", "evaluate", "compare_prompts", "job_statistics"),
 }
 # Every job runs its stage through this one.
 STAGE_RUNNER = "run_stage"

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from fewseg.io import read_image, read_label
-from fewseg.palette import random_palette, rgb_to_ids
+from fewseg.palette import BINARY_PALETTE, random_palette, rgb_to_ids
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pairs without the pair list
@@ -166,6 +166,7 @@ def base_sample(
     blur_sigma: Sequence[float],
     fixed_palette: np.ndarray | None = None,
     random_palette_prob: float = 1.0,
+    binary_prob: float = 0.0,
 ) -> dict:
     """One training canvas from two train tiles (method section 5).
 
@@ -173,6 +174,9 @@ def base_sample(
     images only. Same class set in both crops: mask the query half; otherwise a random share of all patches.
     With ``random_palette_prob`` below 1, some samples use ``fixed_palette`` instead: a shortcut for tiny models
     with little training time (the published system always draws a random palette).
+
+    With ``binary_prob`` above 0, that share of samples shows one class (present in both crops) white on black
+    instead: the very task a novel-class prompt poses at inference, on real textures (not in the published system).
     """
     if rng.random() < 0.5:
         first, second = second, first
@@ -184,8 +188,14 @@ def base_sample(
     crops = [a[y : y + th, x : x + tw] for a in (img_a, ids_a, img_b, ids_b)]
     crops = flip(crops, bool(rng.random() < 0.5), bool(rng.random() < 0.5))
     img_a, ids_a, img_b, ids_b = crops
-    use_random = fixed_palette is None or rng.random() < random_palette_prob
-    palette = random_palette(num_colors, rng) if use_random else fixed_palette[:num_colors]
+    shared = np.intersect1d(ids_a, ids_b)
+    if binary_prob > 0 and rng.random() < binary_prob and len(shared):
+        cls = shared[int(rng.integers(0, len(shared)))]
+        ids_a, ids_b = (ids_a == cls).astype(np.uint8), (ids_b == cls).astype(np.uint8)
+        palette = BINARY_PALETTE
+    else:
+        use_random = fixed_palette is None or rng.random() < random_palette_prob
+        palette = random_palette(num_colors, rng) if use_random else fixed_palette[:num_colors]
     if rng.random() < blur_prob:
         img_a = blur(img_a, float(rng.uniform(*blur_sigma)))
     if rng.random() < blur_prob:

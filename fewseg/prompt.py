@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from fewseg.data import query_half_patches
+from fewseg.data import query_half_patches, resize_image, resize_nearest
+from fewseg.io import read_image, read_label
+from fewseg.metrics import ConfusionMatrix
 from fewseg.model import SegGPT
+from fewseg.palette import BINARY_PALETTE, decode_canvas, to_tensor
+from fewseg.runtime import autocast
 
 
 def crop_windows(size: int, crop_size: int, max_crop_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -46,3 +52,124 @@ class LearnablePrompt(nn.Module):
         images, labels = self.canvases(query)
         mask = torch.from_numpy(query_half_patches(model.config.grid_size))[None].to(query.device)
         return model(images, labels, mask)
+
+
+def largest_crop(crop_size: int, max_crop_size: int) -> int:
+    """The largest crop side of a class's ladder (``crop_size`` doubled while no larger than ``max_crop_size``)."""
+    side = crop_size
+    while side * 2 <= max_crop_size:
+        side *= 2
+    return side
+
+
+def load_support(tiles: Sequence[dict], working_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, boolean class mask) of each support tile at the working size."""
+    return [
+        (resize_image(read_image(t["image"]), working_size), resize_nearest(read_label(t["label"]), working_size) > 0)
+        for t in tiles
+    ]
+
+
+def fixed_prompt(image: np.ndarray, mask: np.ndarray, tile_size: Sequence[int]) -> LearnablePrompt:
+    """A support crop and its class mask (white on black) as a prompt, in the learned prompt's form."""
+    prompt = LearnablePrompt(tile_size, init_std=0.0)
+    label = BINARY_PALETTE[resize_nearest(mask.astype(np.uint8), tile_size)]
+    with torch.no_grad():
+        prompt.prompt_image.copy_(to_tensor(resize_image(image, tile_size)))
+        prompt.prompt_label.copy_(to_tensor(label))
+    return prompt
+
+
+def support_iou(
+    model: SegGPT,
+    prompt: LearnablePrompt,
+    tiles: Sequence[tuple[np.ndarray, np.ndarray]],
+    side: int,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 16,
+) -> float | None:
+    """IoU of the class over ``tiles`` (image, mask at the working size) cut into non-overlapping ``side`` crops,
+    each predicted under ``prompt``; None without tiles, 0.0 when neither truth nor prediction holds the class."""
+    if not tiles:
+        return None
+    tile_size = model.config.tile_size
+    crops, truths = [], []
+    for image, mask in tiles:
+        size = image.shape[0]
+        for y in range(0, size - side + 1, side):
+            for x in range(0, size - side + 1, side):
+                crops.append(resize_image(image[y : y + side, x : x + side], tile_size))
+                truths.append(mask[y : y + side, x : x + side].astype(np.uint8))
+    cm = ConfusionMatrix(2)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(crops), batch_size):
+            query = to_tensor(np.stack(crops[start : start + batch_size])).to(device)
+            with autocast(device, precision):
+                pred = prompt(model, query)
+            ids = decode_canvas(pred.float(), BINARY_PALETTE)[:, tile_size[0] :]
+            for k, truth in enumerate(truths[start : start + batch_size]):
+                cm.update(resize_nearest(ids[k], (side, side)), truth)
+    model.train(was_training)
+    iou = cm.iou()[1]
+    return 0.0 if np.isnan(iou) else float(iou)
+
+
+@dataclass(frozen=True)
+class PairCandidate:
+    """A window of a support tile offered as a plain prompt: the tile's index, the window and its class share."""
+
+    tile: int
+    y: int
+    x: int
+    side: int
+    fraction: float
+
+
+def pair_candidates(masks: Sequence[np.ndarray], side: int, limit: int, min_fraction: float = 0.01) -> list:
+    """Windows of the largest crop size (half-overlapping) that show the class, the richest first, taken from each
+    tile in turn so that every tile is represented; at most ``limit``."""
+    per_tile = []
+    for t, mask in enumerate(masks):
+        size = mask.shape[0]
+        step = max(side // 2, 1)
+        found = [
+            PairCandidate(t, y, x, side, float(mask[y : y + side, x : x + side].mean()))
+            for y in range(0, size - side + 1, step)
+            for x in range(0, size - side + 1, step)
+        ]
+        per_tile.append(sorted((c for c in found if c.fraction >= min_fraction), key=lambda c: -c.fraction))
+    chosen: list[PairCandidate] = []
+    for rank in range(max((len(c) for c in per_tile), default=0)):
+        chosen += [c[rank] for c in per_tile if rank < len(c)]
+    return chosen[:limit]
+
+
+def select_support_pair(
+    model: SegGPT,
+    fit: Sequence[tuple[np.ndarray, np.ndarray]],
+    side: int,
+    limit: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[LearnablePrompt, PairCandidate, float]:
+    """The support window that, used as a plain prompt, segments the class best on the *other* fitting tiles (on its
+    own tile when there is only one), so the choice never looks at held-out tiles. Returns (prompt, window, IoU)."""
+    candidates = pair_candidates([mask for _, mask in fit], side, limit)
+    if not candidates:
+        raise ValueError("no support window shows the class")
+    best: tuple[float, int] | None = None
+    for k, c in enumerate(candidates):
+        image, mask = fit[c.tile]
+        prompt = fixed_prompt(image[c.y : c.y + side, c.x : c.x + side], mask[c.y : c.y + side, c.x : c.x + side],
+                              model.config.tile_size)  # fmt: skip
+        others = [tile for t, tile in enumerate(fit) if t != c.tile] or [fit[c.tile]]
+        iou = support_iou(model, prompt, others, side, device, precision)
+        if best is None or iou > best[0]:
+            best = (iou, k)
+    c = candidates[best[1]]
+    image, mask = fit[c.tile]
+    window = (slice(c.y, c.y + side), slice(c.x, c.x + side))
+    return fixed_prompt(image[window], mask[window], model.config.tile_size), c, best[0]

@@ -231,6 +231,8 @@ def train_prompt(input, output, params, progress=None) -> None:
     from fewseg.train import train_prompt as train
 
     s = _param(params, "settings")
+    phase = _param(params, "phase")
+    start = getattr(input, "init", None) if phase == 2 else getattr(input, "pair", None)
     result = train(
         input.model,
         _support_tiles(input.support, s["cls"]),
@@ -238,11 +240,18 @@ def train_prompt(input, output, params, progress=None) -> None:
         output.history,
         _param(params, "checkpoint_dir"),
         s,
-        phase=_param(params, "phase"),
-        init_prompt=getattr(input, "init", None) if _param(params, "phase") == 2 else None,
+        phase=phase,
+        init_prompt=str(start) if start else None,
         progress_stream=progress,
     )
     log.info("class %d prompt: %s", s["cls"], result)
+
+
+def select_support_pair(input, output, params, progress=None) -> None:
+    from fewseg.train import select_pair
+
+    s = _param(params, "settings")
+    select_pair(input.model, _support_tiles(input.support, s["cls"]), output.pair, s)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,6 +418,53 @@ def evaluate(input, output, params, progress=None) -> None:
         )
     _write_tsv(output.table, rows)
     log.info("challenge metric over %d query tiles:\n%s", len(queries), format_table(summary))
+
+
+def compare_prompts(input, output, params, progress=None) -> None:
+    """The ablation: per novel class, the IoU on the query tiles of its learned prompt and of its best support pair
+    used as a plain prompt (each prediction on its own, before the overlay), beside their held-out support IoUs."""
+    from fewseg.metrics import ConfusionMatrix
+
+    s = _param(params, "settings")
+    truth_dir = Path(_param(params, "truth"))
+    queries = _queries(input.queries)
+    truths = {}
+    for q in queries:
+        truth_path = truth_dir / f"{q['stem']}.tif"
+        if not truth_path.is_file():
+            raise InputError(truth_path, "query label missing for evaluation")
+        truths[q["stem"]] = read_label(truth_path)
+    rows = []
+    for cls, learned, pair in zip(s["novel"], input.learned, input.pairs, strict=True):
+        row = {"class": cls, "name": s["names"][cls]}
+        for kind, folder in (("learned", learned), ("pair", pair)):
+            cm = ConfusionMatrix(2, s["ignore_index"])
+            for stem, truth in truths.items():
+                pred = read_label(Path(folder) / f"{stem}.png")
+                if pred.shape != truth.shape:
+                    raise InputError(Path(folder) / f"{stem}.png", f"is {pred.shape}, its query label {truth.shape}")
+                target = np.where(truth == s["ignore_index"], s["ignore_index"], truth == cls).astype(np.uint8)
+                cm.update((pred == cls).astype(np.uint8), target)
+            iou = cm.iou()[1]
+            row[f"{kind}_iou"] = None if np.isnan(iou) else float(iou)
+            row[f"{kind}_held_out_iou"] = read_json(Path(folder) / "prompt.json").get("best_held_out_iou")
+        both = row["learned_iou"] is not None and row["pair_iou"] is not None
+        row["gain"] = row["learned_iou"] - row["pair_iou"] if both else None
+        rows.append(row)
+    summary = {"queries": len(queries), "classes": rows}
+    for kind in ("learned", "pair"):
+        values = [r[f"{kind}_iou"] for r in rows if r[f"{kind}_iou"] is not None]
+        summary[f"{kind}_miou"] = float(np.mean(values)) if values else None
+    write_json(output.json, summary)
+
+    def fmt(value):
+        return "" if value is None else f"{value:.4f}"
+
+    _write_tsv(output.table, [{k: fmt(v) if isinstance(v, float) or v is None else v for k, v in r.items()}
+                              for r in rows])  # fmt: skip
+    for r in rows:
+        log.info("class %d (%s): learned prompt IoU %s, best support pair %s", r["class"], r["name"],
+                 fmt(r["learned_iou"]), fmt(r["pair_iou"]))  # fmt: skip
 
 
 def _write_tsv(path, rows: list[dict]) -> None:

@@ -39,7 +39,14 @@ from fewseg.io import atomic_path, read_image, read_label
 from fewseg.metrics import ConfusionMatrix
 from fewseg.model import SegGPT, build_model
 from fewseg.palette import BINARY_PALETTE, as_palette, decode_canvas, to_tensor
-from fewseg.prompt import LearnablePrompt, crop_windows
+from fewseg.prompt import (
+    LearnablePrompt,
+    crop_windows,
+    largest_crop,
+    load_support,
+    select_support_pair,
+    support_iou,
+)
 from fewseg.runtime import autocast, pick_device
 from fewseg.schedule import lr_at, set_lr
 
@@ -152,6 +159,7 @@ class BaseTrainingSettings:
     working_size: int
     mask_ratio: float
     random_palette_prob: float
+    binary_prob: float
     blur_prob: float
     blur_sigma: tuple[float, float]
     val_tiles: float
@@ -396,6 +404,7 @@ def _base_samples(run: _BaseRun, step: int, micro: int) -> list[dict]:
                 blur_sigma=s.blur_sigma,
                 fixed_palette=run.store.palette,
                 random_palette_prob=s.random_palette_prob,
+                binary_prob=s.binary_prob,
             )  # fmt: skip
         )
     return samples
@@ -584,7 +593,9 @@ class PromptTrainingSettings:
     stride: int
     brightness: tuple[float, float]
     blur_prob: float
+    init: str
     init_std: float
+    pair_candidates: int
     holdout: int
     val_every: int
     checkpoint_every: int
@@ -653,34 +664,6 @@ class SupportCrops:
         return image, mask
 
 
-def _tiles_iou(
-    model: SegGPT, prompt: LearnablePrompt, tiles: Sequence[dict], settings: PromptTrainingSettings, device
-) -> float | None:
-    """IoU of the class on held-out support tiles, cut into non-overlapping crops of the largest crop size."""
-    if not tiles:
-        return None
-    size = settings.working_size
-    side = settings.crop_size
-    while side * 2 <= settings.max_crop_size:
-        side *= 2
-    cm = ConfusionMatrix(2)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for tile in tiles:
-            image = resize_image(read_image(tile["image"]), size)
-            truth = (resize_nearest(read_label(tile["label"]), size) > 0).astype(np.uint8)
-            for y in range(0, size - side + 1, side):
-                for x in range(0, size - side + 1, side):
-                    crop = resize_image(image[y : y + side, x : x + side], model.config.tile_size)
-                    with autocast(device, settings.precision):
-                        pred = prompt(model, to_tensor(crop).to(device))
-                    ids = decode_canvas(pred, BINARY_PALETTE)[0][model.config.tile_size[0] :]
-                    cm.update(resize_nearest(ids, (side, side)), truth[y : y + side, x : x + side])
-    model.train(was_training)
-    return float(cm.iou()[1]) if not np.isnan(cm.iou()[1]) else 0.0
-
-
 def _frozen_base_model(path: str | os.PathLike, device: torch.device) -> tuple[SegGPT, dict]:
     from fewseg.checkpoints import load_base_model
 
@@ -702,10 +685,42 @@ def split_support(support_tiles: Sequence[dict], s: PromptTrainingSettings) -> t
     return held, fit
 
 
+def select_pair(
+    base_model_path: str | os.PathLike, support_tiles: Sequence[dict], out_pair: str | os.PathLike, settings: dict
+) -> dict:
+    """Choose the class's best support window as a plain prompt (:func:`fewseg.prompt.select_support_pair`) and save
+    it in the learned prompt's format: the start of phase 1 when ``init`` is ``support_pair``, and the baseline a
+    learned prompt has to beat. Its held-out IoU is measured like a learned prompt's."""
+    s = PromptTrainingSettings.from_slice(settings)
+    device = pick_device(s.device)
+    model, meta = _frozen_base_model(base_model_path, device)
+    held, fit = split_support(support_tiles, s)
+    side = largest_crop(s.crop_size, s.max_crop_size)
+    try:
+        prompt, window, fit_iou = select_support_pair(
+            model, load_support(fit, s.working_size), side, s.pair_candidates, device, s.precision
+        )
+    except ValueError as err:
+        raise ValueError(f"class {s.cls}: {err}") from None
+    held_iou = support_iou(model, prompt, load_support(held, s.working_size), side, device, s.precision)
+    source = {"stem": fit[window.tile]["stem"], "y": window.y, "x": window.x, "side": window.side,
+              "class_fraction": window.fraction}  # fmt: skip
+    save_prompt(
+        out_pair, prompt.prompt_image, prompt.prompt_label, cls=s.cls, name=s.name,
+        base_fingerprint=meta["fingerprint"], tile_size=model.config.tile_size,
+        meta={"kind": "support_pair", "source": source, "fit_iou": fit_iou, "held_out": [x["stem"] for x in held],
+              "best_held_out_iou": held_iou},
+    )  # fmt: skip
+    log.info("class %d support pair: %s, IoU %.4f on the other fitting tiles, %s held out",
+             s.cls, source, fit_iou, "none" if held_iou is None else f"{held_iou:.4f}")  # fmt: skip
+    return {"source": source, "fit_iou": fit_iou, "best_held_out_iou": held_iou}
+
+
 def _initial_prompt(
     tile_size: tuple[int, int], s: PromptTrainingSettings, seed: int, init_prompt, base_fingerprint: str
 ) -> LearnablePrompt:
-    """A seeded random prompt (phase 1), or the phase-1 prompt to refine (phase 2)."""
+    """A seeded random prompt near zero (the published start of phase 1), or the prompt to start from: the chosen
+    support pair (phase 1 with ``init: support_pair``) or the phase-1 prompt (phase 2)."""
     from fewseg.checkpoints import load_prompt
 
     prompt = LearnablePrompt(tile_size, s.init_std, generator=torch.Generator().manual_seed(seed))
@@ -729,6 +744,8 @@ class _PromptRun:
     optimizer: torch.optim.Optimizer
     crops: SupportCrops
     held: list[dict]
+    held_data: list[tuple[np.ndarray, np.ndarray]]
+    eval_side: int
     device: torch.device
     base_fingerprint: str
     resume_path: Path
@@ -775,6 +792,8 @@ def _setup_prompt(
         optimizer=torch.optim.AdamW(prompt.parameters(), lr=s.phase(phase).lr, weight_decay=s.weight_decay),
         crops=crops,
         held=held,
+        held_data=load_support(held, s.working_size),
+        eval_side=largest_crop(s.crop_size, s.max_crop_size),
         device=device,
         base_fingerprint=meta["fingerprint"],
         resume_path=ckpt_dir / f"phase{phase}_resume.pt",
@@ -788,9 +807,10 @@ def _setup_prompt(
             state["step"], state["best"], state["best_state"], state["history"]
         )  # fmt: skip
         log.info("resuming class %d phase %d at step %d", s.cls, phase, run.start)
+    start = "the phase-1 prompt" if phase == 2 else ("the support pair" if init_prompt else "noise")
     log.info(
-        "class %d (%s) phase %d: %d crops from %d tiles, %d held out; %d steps, lr %g",
-        s.cls, s.name, phase, len(crops), len(fit), len(held), run.steps, s.phase(phase).lr,
+        "class %d (%s) phase %d: %d crops from %d tiles, %d held out; %d steps, lr %g, from %s",
+        s.cls, s.name, phase, len(crops), len(fit), len(held), run.steps, s.phase(phase).lr, start,
     )  # fmt: skip
     return run
 
@@ -821,7 +841,7 @@ def _prompt_step(run: _PromptRun, step: int) -> tuple[float, float]:
 def _validate_prompt(run: _PromptRun, done: int, loss: float) -> float:
     """Held-out IoU after ``done`` steps; the best prompt so far is kept in memory (and in the checkpoint)."""
     s = run.settings
-    iou = _tiles_iou(run.model, run.prompt, run.held, s, run.device)
+    iou = support_iou(run.model, run.prompt, run.held_data, run.eval_side, run.device, s.precision)
     if iou > run.best:
         run.best, run.best_state = iou, {k: v.detach().cpu().clone() for k, v in run.prompt.state_dict().items()}
     log.info("class %d phase %d step %d: loss %.4f held-out IoU %.4f", s.cls, run.phase, done, loss, iou)
@@ -868,6 +888,8 @@ def train_prompt(
     ``settings`` is the slice of :func:`fewseg.config.prompt_settings` for the class.
     """
     s = PromptTrainingSettings.from_slice(settings)
+    if phase == 1 and s.init == "support_pair" and init_prompt is None:
+        raise ValueError(f"class {s.cls}: init is support_pair, but no support pair was given to start from")
     run = _setup_prompt(base_model_path, support_tiles, checkpoint_dir, s, phase, init_prompt)
     bar = _progress(run.steps, run.start, f"class {s.cls} phase {phase}", progress_stream)
     for step in range(run.start, run.steps):

@@ -13,10 +13,13 @@ for _configfile in workflow.configfiles:
     fc.load_yaml(_configfile)
 
 # Your --configfile is laid over config.yaml key by key; the defaults' entries for classes your config does not have
-# are dropped (fewseg/config.py drop_default_classes), so a file with another class set needs no edit of config.yaml.
+# are dropped, so a file with another class set needs no edit of config.yaml, and weights you name must exist
+# (fewseg/config.py adapt_defaults).
 # Then the schema (fewseg/schemas/config.schema.yaml) and cross-field and path checks, every problem by its key.
+# A relative model/weights path not in the working directory is looked up in the workflow's folder (resources/).
 CFG = fc.check_config(
-    fc.drop_default_classes(config, workflow.config_settings.overwrite_config)
+    fc.adapt_defaults(config, workflow.config_settings.overwrite_config),
+    resource_dirs=[workflow.basedir],
 )
 
 ORDER = CFG["overlay"]["order"]
@@ -101,6 +104,37 @@ def overlay_novel(wildcards):
     return f"results/predictions/novel_{ORDER[int(wildcards.step) - 1]}"
 
 
+def pretrained_weights():
+    """The weights base training starts from, as an input: replacing the file reruns the training."""
+    return [CFG["model"]["weights"]] if CFG["model"]["weights"] else []
+
+
+def pretraining_start():
+    """The weights a second pretraining stage continues from (pretraining.start_from), found like model.weights."""
+    start = CFG.get("pretraining", {}).get("start_from")
+    if not start:
+        return []
+    shipped = Path(workflow.basedir) / start
+    return [str(shipped) if not Path(start).is_file() and shipped.is_file() else start]
+
+
+def phase1_start(wildcards):
+    """The support pair phase 1 starts from (prompt_training.init: support_pair); none for a random start."""
+    if CFG["prompt_training"]["init"] == "support_pair":
+        return f"results/prompts/{wildcards.cls}/pair.pt"
+    return []
+
+
+def learned_predictions():
+    """Each novel class's predictions under its learned prompt, in classes/novel order."""
+    return [f"results/predictions/novel_{c}" for c in CFG["classes"]["novel"]]
+
+
+def pair_predictions():
+    """Each novel class's predictions under its best support pair, in classes/novel order."""
+    return [f"results/predictions/pair_{c}" for c in CFG["classes"]["novel"]]
+
+
 def final_predictions():
     return f"results/predictions/overlay_{len(ORDER)}"
 
@@ -111,17 +145,22 @@ def benchmark_files():
         f"results/benchmarks/embed_tiles_{s}.tsv" for s in ("train", "query", "support")
     ]
     files += ["results/benchmarks/train_base.tsv", "results/benchmarks/infer_base.tsv"]
+    evaluated = bool(fc.query_labels_dir(CFG))
     for cls in ORDER:
         files += [
             f"results/benchmarks/train_prompt_phase1_{cls}.tsv",
             f"results/benchmarks/train_prompt_phase2_{cls}.tsv",
             f"results/benchmarks/infer_novel_{cls}.tsv",
         ]
+        if evaluated or CFG["prompt_training"]["init"] == "support_pair":
+            files.append(f"results/benchmarks/select_support_pair_{cls}.tsv")
+        if evaluated:
+            files.append(f"results/benchmarks/infer_novel_pair_{cls}.tsv")
     return files
 
 
 def final_targets():
     targets = ["results/submission.zip", "results/job_statistics.tsv"]
     if fc.query_labels_dir(CFG):
-        targets.append("results/metrics.json")
+        targets += ["results/metrics.json", "results/ablation/prompts.json"]
     return targets

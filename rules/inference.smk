@@ -58,6 +58,32 @@ rule infer_novel:
         "../workflow_scripts/infer_novel.py"
 
 
+rule infer_novel_pair:
+    # the ablation: each novel class under its best support pair as a plain prompt
+    input:
+        model="results/models/base.pt",
+        prompt="results/prompts/{cls}/pair.pt",
+        queries="results/converted/split",
+        valid=validated(),
+    output:
+        directory("results/predictions/pair_{cls}"),
+    log:
+        "results/logs/infer_novel_pair_{cls}.log",
+    benchmark:
+        "results/benchmarks/infer_novel_pair_{cls}.tsv"
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        settings=lambda wc: fc.novel_inference_settings(CFG, int(wc.cls)),
+        code=CODE["infer"],
+    script:
+        "../workflow_scripts/infer_novel.py"
+
+
 rule overlay_step:
     input:
         previous=overlay_previous,

@@ -48,6 +48,35 @@ rule evaluate:
         "../workflow_scripts/evaluate.py"
 
 
+rule compare_prompts:
+    input:
+        learned=learned_predictions(),
+        pairs=pair_predictions(),
+        queries="results/converted/split",
+        truth=query_labels_input(),
+    output:
+        json="results/ablation/prompts.json",
+        table=report(
+            "results/ablation/prompts.tsv",
+            caption="../report/ablation.rst",
+            category="Metrics",
+        ),
+    log:
+        "results/logs/compare_prompts.log",
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        settings=fc.evaluation_settings(CFG),
+        truth=fc.query_labels_dir(CFG),
+        code=CODE["submission"],
+    script:
+        "../workflow_scripts/compare_prompts.py"
+
+
 rule job_statistics:
     input:
         benchmark_files(),

@@ -1,10 +1,12 @@
-# Training (method sections 5 and 6): base fine-tuning, then each novel class's prompt in two phases.
+# Training (method sections 5 and 6): base fine-tuning, then each novel class's prompt in two phases, starting
+# from its best support pair (prompt_training.init: support_pair) or from noise (random, as published).
 # Checkpoints under results/checkpoints survive a killed job, so a rerun resumes where it stopped.
 
 
 rule train_base:
     input:
         train="results/converted/train",
+        weights=pretrained_weights(),
         valid=validated(),
     output:
         model="results/models/base.pt",
@@ -33,10 +35,35 @@ rule train_base:
         "../workflow_scripts/train_base.py"
 
 
+rule select_support_pair:
+    input:
+        model="results/models/base.pt",
+        support="results/converted/split",
+        valid=validated(),
+    output:
+        pair="results/prompts/{cls}/pair.pt",
+    log:
+        "results/logs/select_support_pair_{cls}.log",
+    benchmark:
+        "results/benchmarks/select_support_pair_{cls}.tsv"
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        settings=lambda wc: fc.prompt_settings(CFG, int(wc.cls)),
+        code=CODE["train"],
+    script:
+        "../workflow_scripts/select_support_pair.py"
+
+
 rule train_prompt_phase1:
     input:
         model="results/models/base.pt",
         support="results/converted/split",
+        pair=phase1_start,
         valid=validated(),
     output:
         prompt="results/prompts/{cls}/phase1.pt",

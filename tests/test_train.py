@@ -81,6 +81,7 @@ def test_killed_prompt_training_resumes_to_the_same_prompt(config, tiles, tmp_pa
     torch.manual_seed(0)
     save_base_model(tmp_path / "base.pt", build_model("micro"))
     settings = prompt_settings(config, 10)
+    settings["training"] = {**settings["training"], "init": "random"}
     support = [{"stem": t["stem"], "image": t["image"], "label": t["label"]} for t in tiles[:3]]
 
     def run(name: str) -> dict:

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.workflow
 
 STAGES = {
     "make_demo_dataset", "convert_train_masks", "split_support", "embed_tiles", "rank_prompts", "train_base",
-    "train_prompt_phase1", "train_prompt_phase2", "infer_base", "infer_novel", "overlay_step", "make_submission",
-    "evaluate", "job_statistics",
+    "select_support_pair", "train_prompt_phase1", "train_prompt_phase2", "infer_base", "infer_novel",
+    "infer_novel_pair", "overlay_step", "make_submission", "evaluate", "compare_prompts", "job_statistics",
 }  # fmt: skip
 
 
@@ -39,6 +39,7 @@ def test_dry_run_lists_every_stage(tmp_path):
     jobs = planned_jobs(tmp_path, write_config(tmp_path / "c.yaml", load_test_config()))
     assert STAGES <= set(jobs)
     assert jobs["train_prompt_phase1"] == jobs["train_prompt_phase2"] == jobs["infer_novel"] == 4
+    assert jobs["select_support_pair"] == jobs["infer_novel_pair"] == 4
     assert jobs["overlay_step"] == 4 and jobs["embed_tiles"] == 3
 
 
@@ -68,6 +69,23 @@ def test_metrics_file_and_table(run):
     assert set(metrics["per_class"]) == {str(i) for i in range(12)}
     log = (workdir / "results/logs/evaluate.log").read_text()
     assert "base mIoU" in log and "sport field" in log
+
+
+def test_ablation_compares_each_learned_prompt_with_its_support_pair(run):
+    workdir, config, _ = run
+    ablation = json.loads((workdir / "results/ablation/prompts.json").read_text())
+    assert [row["class"] for row in ablation["classes"]] == config["classes"]["novel"]
+    for row in ablation["classes"]:
+        cls = row["class"]
+        assert 0.0 <= row["learned_iou"] <= 1.0 and 0.0 <= row["pair_iou"] <= 1.0
+        assert row["gain"] == pytest.approx(row["learned_iou"] - row["pair_iou"])
+        pair = json.loads((workdir / f"results/predictions/pair_{cls}/prompt.json").read_text())
+        assert pair["cls"] == cls and row["pair_held_out_iou"] == pair["best_held_out_iou"]
+        # phase 1 started from the pair: its log says so
+        assert "from the support pair" in (workdir / f"results/logs/train_prompt_phase1_{cls}.log").read_text()
+    table = (workdir / "results/ablation/prompts.tsv").read_text().splitlines()
+    assert table[0].split("\t")[:4] == ["class", "name", "learned_iou", "learned_held_out_iou"]
+    assert len(table) == 1 + len(config["classes"]["novel"])
 
 
 def test_predictions_carry_geotiffs_and_previews(run):
