@@ -9,6 +9,10 @@ pair) canvas with autograd bookkeeping off but not in inference mode, the whole 
 averaged over the pairs; fewseg runs each query's tiles and all their pairs through as few forwards as
 ``inference.batch_size`` allows, with the feature ensemble inside the model and only the query half decoded.
 Queries are random images at the working size (throughput does not depend on their content).
+
+A second table runs fewseg's own inference in fp32 and under bf16 autocast (``runtime.precision: bf16``) side by
+side, with the share of pixels on which both agree. It is printed only where the device computes bf16 natively
+(fewseg.runtime.native_bf16); elsewhere a line says why it is missing, since emulated bf16 measures the emulation.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from fewseg.infer import (
 )
 from fewseg.model import build_model
 from fewseg.palette import BINARY_PALETTE, as_palette, decode_canvas, to_tensor
+from fewseg.runtime import native_bf16
 
 
 def naive_forward(model, images, labels, mask) -> torch.Tensor:
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="config.yaml")
     p.add_argument("--queries", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-precision", action="store_true", help="skip the fp32 / bf16 table")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = load_config(args.config, check_paths=False)
@@ -133,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p_img, p_lab = torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
     batch = inf["batch_size"]
 
-    def base_fast(q):
-        return predict_base(model, q, prompts, palette, device=device, batch_size=batch, **base)
+    def base_fast(q, precision="fp32"):
+        return predict_base(model, q, prompts, palette, device=device, batch_size=batch, precision=precision, **base)
 
     def base_naive(q):
         return naive_base(model, q, prompts, palette, **base)
@@ -153,7 +159,25 @@ def main(argv: list[str] | None = None) -> int:
         fast_qps, fast_out = timed(fast, queries)
         agree = np.mean([np.mean(a == b) for a, b in zip(naive_out, fast_out, strict=True)])
         print(f"{label:28} {naive_qps:10.2f} {fast_qps:11.2f} {fast_qps / naive_qps:5.2f}x  {100 * agree:.2f}% px")
+    if not args.no_precision:
+        precision_table(rows, queries, device)
     return 0
+
+
+def precision_table(rows, queries, device: torch.device) -> None:
+    """fewseg's inference in fp32 and in bf16, side by side, where bf16 is native."""
+    native, why = native_bf16(device)
+    print()
+    if not native:
+        print(f"fp32 / bf16 table skipped: {why}")
+        return
+    print(f"bf16 native: {why}")
+    print(f"{'stage':28} {'fp32 q/s':>10} {'bf16 q/s':>11} {'ratio':>6}  same output as fp32")
+    for label, _, fast in rows:
+        fp32_qps, fp32_out = timed(partial(fast, precision="fp32"), queries)
+        bf16_qps, bf16_out = timed(partial(fast, precision="bf16"), queries)
+        agree = np.mean([np.mean(a == b) for a, b in zip(fp32_out, bf16_out, strict=True)])
+        print(f"{label:28} {fp32_qps:10.2f} {bf16_qps:11.2f} {bf16_qps / fp32_qps:5.2f}x  {100 * agree:.2f}% px")
 
 
 if __name__ == "__main__":

@@ -441,6 +441,18 @@ def prompt_settings(config: dict, cls: int) -> dict:
     }
 
 
+# What choosing a class's support pair reads (fewseg.train.PairSettings): its crops' largest size, the held-out
+# split and the candidates; not the strides, steps or learning rates of prompt training.
+PAIR_KEYS = ("working_size", "crop_size", "max_crop_size", "holdout", "pair_candidates")
+
+
+def pair_settings(config: dict, cls: int) -> dict:
+    """The slice of :func:`prompt_settings` that ``select_support_pair`` reads, so other prompt settings do not
+    rerun it."""
+    s = prompt_settings(config, cls)
+    return {**s, "training": {k: s["training"][k] for k in PAIR_KEYS}}
+
+
 def mapping_settings(config: dict) -> dict:
     m = config["mapping"]
     return {k: m[k] for k in ("encoder", "weights", "pretrained", "image_size", "batch_size")} | {

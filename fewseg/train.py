@@ -675,7 +675,36 @@ def _frozen_base_model(path: str | os.PathLike, device: torch.device) -> tuple[S
     return model, meta
 
 
-def split_support(support_tiles: Sequence[dict], s: PromptTrainingSettings) -> tuple[list[dict], list[dict]]:
+@dataclass(frozen=True)
+class PairSettings:
+    """What choosing a class's best support pair reads: :func:`fewseg.config.pair_settings`."""
+
+    cls: int
+    name: str
+    seed: int
+    device: str
+    precision: str
+    working_size: int
+    crop_size: int
+    max_crop_size: int
+    holdout: int
+    pair_candidates: int
+
+    @classmethod
+    def from_slice(cls, settings: dict) -> PairSettings:
+        try:
+            t = settings["training"]
+            runtime = settings["runtime"]
+            given = {"cls": settings["cls"], "name": settings["name"], "seed": settings["seed"],
+                     "device": runtime["device"], "precision": runtime["precision"]}  # fmt: skip
+            return cls(**given, **{n: t[n] for n in (f.name for f in fields(cls)) if n not in given})
+        except KeyError as err:
+            raise _missing_setting("support-pair", err) from None
+
+
+def split_support(
+    support_tiles: Sequence[dict], s: PromptTrainingSettings | PairSettings
+) -> tuple[list[dict], list[dict]]:
     """(held-out tiles, tiles to fit): the same split in both phases, at least one tile left to fit."""
     support_tiles = sorted(support_tiles, key=lambda x: x["stem"])
     holdout = min(s.holdout, len(support_tiles) - 1)
@@ -690,8 +719,9 @@ def select_pair(
 ) -> dict:
     """Choose the class's best support window as a plain prompt (:func:`fewseg.prompt.select_support_pair`) and save
     it in the learned prompt's format: the start of phase 1 when ``init`` is ``support_pair``, and the baseline a
-    learned prompt has to beat. Its held-out IoU is measured like a learned prompt's."""
-    s = PromptTrainingSettings.from_slice(settings)
+    learned prompt has to beat. Its held-out IoU is measured like a learned prompt's. ``settings``: the slice of
+    :func:`fewseg.config.pair_settings`."""
+    s = PairSettings.from_slice(settings)
     device = pick_device(s.device)
     model, meta = _frozen_base_model(base_model_path, device)
     held, fit = split_support(support_tiles, s)

@@ -53,7 +53,7 @@ rule select_support_pair:
         mem_mb=8000,
         runtime=60,
     params:
-        settings=lambda wc: fc.prompt_settings(CFG, int(wc.cls)),
+        settings=lambda wc: fc.pair_settings(CFG, int(wc.cls)),
         code=CODE["train"],
     script:
         "../workflow_scripts/select_support_pair.py"

@@ -32,9 +32,28 @@ def test_model_bench_runs_both_sides(tmp_path):
 
 def test_infer_bench_prints_ratios_on_the_test_config():
     out = _run("bench/infer_bench.py", "--config", "tests/config.test.yaml", "--queries", "1", "--threads", "1")
-    lines = [line for line in out.splitlines() if line.startswith(("base", "novel"))]
+    speed, precision = out.split("\n\n")
+    lines = [line for line in speed.splitlines() if line.startswith(("base", "novel"))]
     assert len(lines) == 5  # base and four novel classes
     for line in lines:
         assert line.split()[-3].endswith("x"), line
     novel_agreement = [float(line.split()[-2].rstrip("%")) for line in lines[1:]]
     assert min(novel_agreement) >= 99.9  # same work, same pixels (up to float ties)
+    # fp32 beside bf16 where bf16 is native; otherwise the reason, never an emulated figure
+    from fewseg.runtime import native_bf16
+
+    native, why = native_bf16(__import__("torch").device("cpu"))
+    rows = [line for line in precision.splitlines() if line.startswith(("base", "novel"))]
+    if native:
+        assert len(rows) == 5 and all(line.split()[-3].endswith("x") for line in rows), precision
+    else:
+        assert rows == [] and f"skipped: {why}" in precision
+
+
+def test_incontext_bench_scores_the_shipped_weights_above_the_floor():
+    out = _run("bench/incontext_bench.py", "--episodes", "8", "--ranges", "2-3", "--threads", "1")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("2-3")]
+    assert len(rows) == 1
+    miou, floor = float(rows[0][1]), float(rows[0][2])
+    assert 0.0 <= floor <= 1.0 and 0.0 <= miou <= 1.0
+    assert miou > floor  # the shipped model reads its prompt: better than painting the prompt's main class

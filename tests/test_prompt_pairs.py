@@ -8,7 +8,7 @@ import torch
 
 import fewseg.prompt
 from fewseg.checkpoints import load_prompt, save_base_model
-from fewseg.config import load_config, prompt_settings
+from fewseg.config import load_config, pair_settings, prompt_settings
 from fewseg.model import build_model
 from fewseg.palette import BINARY_PALETTE, to_tensor
 from fewseg.prompt import fixed_prompt, pair_candidates, select_support_pair, support_iou
@@ -20,11 +20,27 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def settings() -> dict:
+def config() -> dict:
     config = load_config(TEST_CONFIG, check_paths=False)
     config["runtime"]["device"] = "cpu"
     config["prompt_training"].update({"phase1": {"steps": 2, "lr": 1e-9}, "val_every": 1, "checkpoint_every": 1})
+    return config
+
+
+@pytest.fixture(scope="module")
+def settings(config) -> dict:
     return prompt_settings(config, 10)
+
+
+@pytest.fixture(scope="module")
+def pair(config) -> dict:
+    return pair_settings(config, 10)
+
+
+def test_the_pair_reads_only_its_own_settings(config, pair):
+    assert set(pair["training"]) == {"working_size", "crop_size", "max_crop_size", "holdout", "pair_candidates"}
+    changed = {**config, "prompt_training": {**config["prompt_training"], "phase1": {"steps": 9, "lr": 1.0}}}
+    assert pair_settings(changed, 10) == pair
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +108,15 @@ def test_support_iou_counts_the_class_over_the_crops():
     assert model.training  # evaluated in eval mode, handed back as it came
 
 
-def test_pair_file_starts_phase_one_and_is_required_by_it(settings, tiles, base_model, tmp_path):
+def test_pair_file_starts_phase_one_and_is_required_by_it(settings, pair, tiles, base_model, tmp_path):
     support = [{"stem": t["stem"], "image": t["image"], "label": t["label"]} for t in tiles[:3]]
-    result = select_pair(base_model, support, tmp_path / "pair.pt", settings)
-    pair = load_prompt(tmp_path / "pair.pt")
-    assert pair["cls"] == 10 and pair["meta"]["kind"] == "support_pair"
-    assert pair["meta"]["best_held_out_iou"] == result["best_held_out_iou"] is not None
-    assert pair["meta"]["source"]["stem"] in {t["stem"] for t in support}
-    assert pair["meta"]["source"]["stem"] not in pair["meta"]["held_out"]
-    again = select_pair(base_model, support, tmp_path / "again.pt", settings)
+    result = select_pair(base_model, support, tmp_path / "pair.pt", pair)
+    saved = load_prompt(tmp_path / "pair.pt")
+    assert saved["cls"] == 10 and saved["meta"]["kind"] == "support_pair"
+    assert saved["meta"]["best_held_out_iou"] == result["best_held_out_iou"] is not None
+    assert saved["meta"]["source"]["stem"] in {t["stem"] for t in support}
+    assert saved["meta"]["source"]["stem"] not in saved["meta"]["held_out"]
+    again = select_pair(base_model, support, tmp_path / "again.pt", pair)
     assert again == result  # deterministic
     with pytest.raises(ValueError, match="no support pair was given"):
         train_prompt(base_model, support, tmp_path / "p.pt", tmp_path / "h.csv", tmp_path / "ck", settings, 1)
@@ -108,11 +124,11 @@ def test_pair_file_starts_phase_one_and_is_required_by_it(settings, tiles, base_
                  init_prompt=tmp_path / "pair.pt")  # fmt: skip
     learned = load_prompt(tmp_path / "p.pt")
     # at a vanishing learning rate the learned prompt is still the pair it started from
-    assert torch.allclose(learned["prompt_label"], pair["prompt_label"], atol=1e-5)
-    assert torch.allclose(learned["prompt_image"], pair["prompt_image"], atol=1e-5)
+    assert torch.allclose(learned["prompt_label"], saved["prompt_label"], atol=1e-5)
+    assert torch.allclose(learned["prompt_image"], saved["prompt_image"], atol=1e-5)
 
 
-def test_a_class_absent_from_every_support_tile_is_named(settings, base_model, tmp_path):
+def test_a_class_absent_from_every_support_tile_is_named(pair, base_model, tmp_path):
     from fewseg.io import write_png
 
     support = []
@@ -123,5 +139,5 @@ def test_a_class_absent_from_every_support_tile_is_named(settings, base_model, t
             {"stem": f"s{i}", "image": str(tmp_path / f"s{i}.png"), "label": str(tmp_path / f"s{i}_label.png")}
         )
     with pytest.raises(ValueError, match="class 10: no support window shows the class"):
-        select_pair(base_model, support, tmp_path / "pair.pt", settings)
+        select_pair(base_model, support, tmp_path / "pair.pt", pair)
     assert not (tmp_path / "pair.pt").exists()

@@ -122,7 +122,7 @@ def test_prompt_setting_reruns_exactly_that_class_downstream(local_run, tmp_path
     jobs = planned_jobs(workdir, configfile)
     assert jobs == {
         "train_prompt_phase1": 1, "train_prompt_phase2": 1, "infer_novel": 1, "overlay_step": 2,
-        "make_submission": 1, "evaluate": 1, "job_statistics": 1, "all": 1,
+        "make_submission": 1, "evaluate": 1, "compare_prompts": 1, "job_statistics": 1, "all": 1,
     }  # fmt: skip
     before = output_mtimes(workdir)
     r = snakemake(workdir, "--cores", "2", configfile=configfile)
@@ -132,7 +132,7 @@ def test_prompt_setting_reruns_exactly_that_class_downstream(local_run, tmp_path
     expected_prefixes = (
         "results/prompts/10/", "results/predictions/novel_10/", "results/predictions/overlay_3/",
         "results/predictions/overlay_4/", "results/submission.zip", "results/metrics.json", "results/metrics.tsv",
-        "results/job_statistics.tsv",
+        "results/ablation/", "results/job_statistics.tsv",
     )  # fmt: skip
     assert touched and all(p.startswith(expected_prefixes) for p in touched), sorted(touched)
     assert any(p.startswith("results/prompts/10/") for p in touched)
