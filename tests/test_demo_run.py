@@ -28,5 +28,10 @@ def test_demo_runs_end_to_end_and_learns(tmp_path):
     metrics = json.loads((tmp_path / "results/metrics.json").read_text())
     # An untrained model scores 0.006 base mIoU here; the demo's training must be visible in the metric.
     assert metrics["base_miou"] > 0.4, metrics
+    # Started from the shipped in-context weights, learned prompts find novel classes (from scratch: 0.000).
+    assert metrics["novel_miou"] > 0.05, metrics
+    ablation = json.loads((tmp_path / "results/ablation/prompts.json").read_text())
+    assert any(row["learned_iou"] > row["pair_iou"] for row in ablation["classes"]), ablation
+    assert "runtime/precision auto:" in (tmp_path / "results/logs/train_base.log").read_text()
     again = snakemake(tmp_path, "-n", "--cores", "2", configfile=configfile)
     assert "Nothing to be done" in again.stdout + again.stderr
