@@ -25,6 +25,7 @@ localrules:
     overlay_step,
     make_submission,
     evaluate,
+    compare_prompts,
     job_statistics,
 
 

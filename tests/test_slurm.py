@@ -61,6 +61,7 @@ WORKFLOW_LOCAL_RULES = {
     "job_statistics",
     "make_submission",
     "evaluate",
+    "compare_prompts",
 }
 # ... and rules that go through sbatch (they carry GPU requests in the profile).
 WORKFLOW_REMOTE_RULES = {
@@ -71,6 +72,8 @@ WORKFLOW_REMOTE_RULES = {
     "train_prompt_phase2",
     "infer_base",
     "infer_novel",
+    "select_support_pair",
+    "infer_novel_pair",
 }
 
 SQUEUE_FIELDS = {
@@ -352,6 +355,18 @@ def assert_ran_through_slurm(proc, records, local_rules=()) -> None:
 # --------------------------------------------------------------------------
 # the profile itself (dry run, no cluster needed)
 # --------------------------------------------------------------------------
+def test_every_submitted_rule_has_its_resources_in_the_profile():
+    """A rule the Snakefile does not keep local is submitted: the profile must size it (and give it its GPU)."""
+    import yaml
+
+    snakefile = (REPO / "Snakefile").read_text()
+    local = set(re.search(r"localrules:\n((?:    \w+,\n)+)", snakefile).group(1).replace(",", "").split())
+    rules = set(re.findall(r"^rule (\w+):", "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk")), re.M))
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert rules - local - {"all"} == set(profile["set-resources"]) == WORKFLOW_REMOTE_RULES | {"pretrain"}
+    assert WORKFLOW_LOCAL_RULES <= local
+
+
 def test_profile_requests_gpus_for_gpu_rules(tmp_path):
     """profiles/slurm parses, and every submitted rule of the workflow gets a GPU and a time limit."""
     rules = sorted(WORKFLOW_REMOTE_RULES)
