@@ -188,8 +188,8 @@ def base_sample(
     crops = [a[y : y + th, x : x + tw] for a in (img_a, ids_a, img_b, ids_b)]
     crops = flip(crops, bool(rng.random() < 0.5), bool(rng.random() < 0.5))
     img_a, ids_a, img_b, ids_b = crops
-    shared = np.intersect1d(ids_a, ids_b)
-    if binary_prob > 0 and rng.random() < binary_prob and len(shared):
+    shared = np.intersect1d(ids_a, ids_b) if binary_prob > 0 and rng.random() < binary_prob else ()
+    if len(shared):
         cls = shared[int(rng.integers(0, len(shared)))]
         ids_a, ids_b = (ids_a == cls).astype(np.uint8), (ids_b == cls).astype(np.uint8)
         palette = BINARY_PALETTE

@@ -160,16 +160,14 @@ def select_support_pair(
     candidates = pair_candidates([mask for _, mask in fit], side, limit)
     if not candidates:
         raise ValueError("no support window shows the class")
-    best: tuple[float, int] | None = None
-    for k, c in enumerate(candidates):
+    best: tuple[float, LearnablePrompt, PairCandidate] | None = None
+    for c in candidates:
         image, mask = fit[c.tile]
-        prompt = fixed_prompt(image[c.y : c.y + side, c.x : c.x + side], mask[c.y : c.y + side, c.x : c.x + side],
-                              model.config.tile_size)  # fmt: skip
+        window = (slice(c.y, c.y + side), slice(c.x, c.x + side))
+        prompt = fixed_prompt(image[window], mask[window], model.config.tile_size)
         others = [tile for t, tile in enumerate(fit) if t != c.tile] or [fit[c.tile]]
         iou = support_iou(model, prompt, others, side, device, precision)
         if best is None or iou > best[0]:
-            best = (iou, k)
-    c = candidates[best[1]]
-    image, mask = fit[c.tile]
-    window = (slice(c.y, c.y + side), slice(c.x, c.x + side))
-    return fixed_prompt(image[window], mask[window], model.config.tile_size), c, best[0]
+            best = (iou, prompt, c)
+    iou, prompt, c = best
+    return prompt, c, iou

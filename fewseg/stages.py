@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -387,6 +387,15 @@ def make_submission(input, output, params, progress=None) -> None:
     log.info("submission with %d files: %s", len(names), output[0])
 
 
+def _query_truths(queries: list[dict], truth_dir: str | os.PathLike) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, labels) of each query's ground truth, in order; a missing one is named."""
+    for q in queries:
+        truth_path = Path(truth_dir) / f"{q['stem']}.tif"
+        if not truth_path.is_file():
+            raise InputError(truth_path, "query label missing for evaluation")
+        yield truth_path, read_label(truth_path)
+
+
 def evaluate(input, output, params, progress=None) -> None:
     from fewseg.metrics import ConfusionMatrix, format_table, summarize
 
@@ -394,12 +403,7 @@ def evaluate(input, output, params, progress=None) -> None:
     queries = _queries(input.queries)
     num = max([*s["base"], *s["novel"]]) + 1
     cm = ConfusionMatrix(num, s["ignore_index"])
-    truth_dir = Path(_param(params, "truth"))
-    for q in queries:
-        truth_path = truth_dir / f"{q['stem']}.tif"
-        if not truth_path.is_file():
-            raise InputError(truth_path, "query label missing for evaluation")
-        truth = read_label(truth_path)
+    for q, (truth_path, truth) in zip(queries, _query_truths(queries, _param(params, "truth")), strict=True):
         pred = read_label(Path(input.predictions) / f"{q['stem']}.png")
         if pred.shape != truth.shape:
             raise InputError(truth_path, f"query label is {truth.shape}, the prediction {pred.shape}")
@@ -426,14 +430,9 @@ def compare_prompts(input, output, params, progress=None) -> None:
     from fewseg.metrics import ConfusionMatrix
 
     s = _param(params, "settings")
-    truth_dir = Path(_param(params, "truth"))
     queries = _queries(input.queries)
-    truths = {}
-    for q in queries:
-        truth_path = truth_dir / f"{q['stem']}.tif"
-        if not truth_path.is_file():
-            raise InputError(truth_path, "query label missing for evaluation")
-        truths[q["stem"]] = read_label(truth_path)
+    found = _query_truths(queries, _param(params, "truth"))
+    truths = {q["stem"]: truth for q, (_, truth) in zip(queries, found, strict=True)}
     rows = []
     for cls, learned, pair in zip(s["novel"], input.learned, input.pairs, strict=True):
         row = {"class": cls, "name": s["names"][cls]}
