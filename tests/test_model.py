@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from fewseg.data import query_half_patches, random_patches
-from fewseg.model import PRESETS, SegGPTConfig, build_model, count_parameters, fingerprint, get_rel_pos
+from fewseg.model import (
+    PRESETS,
+    SegGPTConfig,
+    build_model,
+    count_parameters,
+    fingerprint,
+    get_rel_pos,
+    key_positions,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread for tiny models
 
@@ -115,7 +123,7 @@ def test_blocked_attention_equals_the_materialised_decomposed_bias(micro):
     with torch.no_grad():
         attn.rel_pos_h.copy_(rel_h)
         attn.rel_pos_w.copy_(rel_w)
-        got = attn._attend(x, (gh, gw))
+        got = attn._attend(x[None], (gh, gw))[0]
         n, heads = gh * gw, attn.num_heads
         q, k, v = attn.qkv(x).reshape(n, 3, heads, -1).permute(1, 2, 0, 3).unbind(0)
         r_q = q.reshape(heads, gh, gw, -1)
@@ -126,6 +134,53 @@ def test_blocked_attention_equals_the_materialised_decomposed_bias(micro):
         want = (logits.softmax(-1) @ v).transpose(0, 1).reshape(n, -1)
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got, (logits - bias).softmax(-1).matmul(v).transpose(0, 1).reshape(n, -1), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_positions_turn_the_decomposed_terms_into_the_bias_exactly(dtype):
+    """The bias as a product with the one-hot key table is the broadcast sum, bit for bit, in fp32 and bf16."""
+    h, w, heads, rows = 5, 3, 2, 4
+    g = torch.Generator().manual_seed(9)
+    rel_h = torch.randn(heads, rows, h, generator=g).to(dtype)
+    rel_w = torch.randn(heads, rows, w, generator=g).to(dtype)
+    keys = key_positions((h, w), dtype, torch.device("cpu"))
+    assert keys.shape == (h + w, h * w) and keys.sum(0).eq(2).all()
+    got = torch.cat((rel_h, rel_w), -1) @ keys
+    want = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(heads, rows, h * w)
+    assert torch.equal(got, want)
+
+
+def test_attention_blocks_of_items_and_of_rows_agree_in_bf16(micro, monkeypatch):
+    """Several items per kernel call (small models), or one item in row blocks (large ones): the same result."""
+    from fewseg import model as model_module
+
+    attn = micro.blocks[0].attn
+    gh, gw = micro.config.grid_size
+    x = torch.randn(3, gh, gw, micro.config.embed_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = attn(x)
+        monkeypatch.setattr(model_module.Attention, "bias_block_bytes", 5 * attn.num_heads * gh * gw * 2)
+        rows = attn(x)
+    assert whole.dtype == torch.bfloat16
+    assert torch.equal(whole, rows)
+
+
+def test_training_after_inference_mode_uses_the_cached_key_table():
+    """The key table cached by an inference-mode forward is a normal tensor, so a training step can save it."""
+    torch.manual_seed(0)
+    model = build_model("micro", merge_index=0)
+    cfg = model.config
+    images, labels = _canvases(cfg, 2, seed=11)
+    mask = random_mask(cfg, 2, 0.5, seed=4)
+    key_positions.cache_clear()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.eval()(images, labels, mask)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(model(images, labels, mask), labels, mask)
+    loss.backward()
+    assert model.blocks[0].attn.rel_pos_h.grad is not None
+    assert model.blocks[0].attn.rel_pos_h.grad.abs().sum() > 0
 
 
 def test_loss_only_on_masked_patches(micro):
