@@ -136,25 +136,81 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
         rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, grid)  # (B, heads, N, H), (B, heads, N, W)
-        # In bf16 / fp16 the bias is a product with the one-hot key positions, on the matrix units; in fp32 the
-        # broadcast sum is faster than an fp32 product.
-        as_product = q.dtype != torch.float32
-        if as_product:
-            rel = torch.cat((rel_h, rel_w), dim=-1)
-            keys = key_positions(grid, rel.dtype, rel.device)
         rows = max(1, self.bias_block_bytes // (b * self.num_heads * n * q.element_size()))
-        blocks = []
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            if as_product:
-                # Contiguous rows let matmul run one (B * heads * rows, H + W) @ (H + W, N) product instead of
-                # copying the key table for every head.
-                bias = torch.matmul(rel[:, :, r0:r1].contiguous(), keys)  # (B, heads, rows, N)
-            else:
-                bias = (rel_h[:, :, r0:r1, :, None] + rel_w[:, :, r0:r1, None, :]).flatten(-2)
-            o = F.scaled_dot_product_attention(q[:, :, r0:r1], k, v, attn_mask=bias)
-            blocks.append(o.transpose(1, 2))  # (B, rows, heads, d): the kernel's own memory layout
-        return torch.cat(blocks, dim=1).reshape(b, n, c)
+        if torch.is_grad_enabled() and q.requires_grad and q.device.type != "cuda":
+            # Training on a CPU: autograd through the fused kernel with a bias that needs a gradient falls back to
+            # the unfused path, which keeps every (heads, N, N) map for the backward pass. CUDA's memory-efficient
+            # kernel differentiates the bias itself.
+            out = RelPosAttention.apply(q, k, v, rel_h, rel_w, rows)
+            return out.transpose(1, 2).reshape(b, n, c)
+        return torch.cat(list(_attention_blocks(q, k, v, rel_h, rel_w, rows)), dim=1).reshape(b, n, c)
+
+
+def _bias_rows(rel_h: Tensor, rel_w: Tensor, r0: int, r1: int) -> Tensor:
+    """The bias of query rows r0:r1 against every key, (B, heads, rows, N), from its two decomposed factors."""
+    if rel_h.dtype == torch.float32:
+        # In fp32 the broadcast sum is faster than an fp32 product.
+        return (rel_h[:, :, r0:r1, :, None] + rel_w[:, :, r0:r1, None, :]).flatten(-2)
+    # In bf16 / fp16 the bias is a product with the one-hot key positions, on the matrix units. Contiguous rows
+    # let matmul run one (B * heads * rows, H + W) @ (H + W, N) product instead of copying the key table per head.
+    keys = key_positions((rel_h.shape[-1], rel_w.shape[-1]), rel_h.dtype, rel_h.device)
+    return torch.matmul(torch.cat((rel_h[:, :, r0:r1], rel_w[:, :, r0:r1]), dim=-1), keys)
+
+
+def _attention_blocks(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, rows: int):
+    """Fused attention over blocks of query rows, each yielded as (B, rows, heads, d), the kernel's own layout."""
+    n = q.shape[2]
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        o = F.scaled_dot_product_attention(q[:, :, r0:r1], k, v, attn_mask=_bias_rows(rel_h, rel_w, r0, r1))
+        yield o.transpose(1, 2)
+
+
+class RelPosAttention(torch.autograd.Function):
+    """Attention with the decomposed bias that recomputes each row block's probabilities in the backward pass.
+
+    Only q, k, v, the two bias factors and the output are kept (as flash attention keeps its inputs), so training
+    memory no longer grows with the (heads, N, N) maps; the backward pass recomputes one block of logits at a
+    time (one extra q @ k product), which costs less than streaming the kept maps back from memory.
+    Inputs: q, k, v (B, heads, N, d); rel_h (B, heads, N, H), rel_w (B, heads, N, W); rows per block.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, rows: int) -> Tensor:
+        with torch.no_grad():
+            out = torch.cat(list(_attention_blocks(q, k, v, rel_h, rel_w, rows)), dim=1).transpose(1, 2)
+        ctx.save_for_backward(q, k, v, rel_h, rel_w, out)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, rel_h, rel_w, out = ctx.saved_tensors
+        b, heads, n, d = q.shape
+        grid_h, grid_w = rel_h.shape[-1], rel_w.shape[-1]
+        scale = d**-0.5
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        d_rel_h, d_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
+        k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
+        # Softmax backward, dS = P * (dP - rowsum(dO * O)); the row sums in fp32 as the softmax statistics are.
+        row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        for r0 in range(0, n, ctx.rows):
+            r1 = min(r0 + ctx.rows, n)
+            q_rows, grad_rows = q[:, :, r0:r1], grad_out[:, :, r0:r1]
+            logits = torch.matmul(q_rows, k_t).mul_(scale).add_(_bias_rows(rel_h, rel_w, r0, r1))
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # fp32 statistics, as the forward kernel
+            del logits
+            p_low = probs.to(q.dtype)
+            dv += torch.matmul(p_low.transpose(-1, -2), grad_rows)
+            d_logits = torch.matmul(grad_rows, v_t).float().sub_(row_dot[:, :, r0:r1]).mul_(probs)
+            del probs, p_low
+            by_key = d_logits.view(b, heads, r1 - r0, grid_h, grid_w)
+            d_rel_h[:, :, r0:r1] = by_key.sum(-1)
+            d_rel_w[:, :, r0:r1] = by_key.sum(-2)
+            d_logits = d_logits.to(q.dtype)
+            dq[:, :, r0:r1] = torch.matmul(d_logits, k).mul_(scale)
+            dk.add_(torch.matmul(d_logits.transpose(-1, -2), q_rows), alpha=scale)
+        return dq, dk, dv, d_rel_h, d_rel_w, None
 
 
 EnsembleSpec = tuple[int, int, bool]  # (streams, prompts per query, average over the streams too)

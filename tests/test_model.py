@@ -15,6 +15,7 @@ from fewseg.model import (
     build_model,
     count_parameters,
     fingerprint,
+    RelPosAttention,
     get_rel_pos,
     key_positions,
 )
@@ -181,6 +182,66 @@ def test_training_after_inference_mode_uses_the_cached_key_table():
     loss.backward()
     assert model.blocks[0].attn.rel_pos_h.grad is not None
     assert model.blocks[0].attn.rel_pos_h.grad.abs().sum() > 0
+
+
+def _materialised_attention(q, k, v, rel_h, rel_w):
+    """Attention with the whole (B, heads, N, N) bias, differentiated by autograd: what the Function replaces."""
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+    logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias
+    return logits.softmax(-1) @ v
+
+
+def _attention_inputs(dtype, b=2, heads=3, gh=4, gw=3, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = gh * gw
+    shapes = [(b, heads, n, d)] * 3 + [(b, heads, n, gh), (b, heads, n, gw)]
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def test_rel_pos_attention_gradients_pass_gradcheck():
+    """The hand-written backward (recomputed probabilities, bias gradient as row and column sums) is exact."""
+    inputs = _attention_inputs(torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: RelPosAttention.apply(*t, 5), inputs, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_rel_pos_attention_equals_autograd_through_the_materialised_bias(rows):
+    """Forward and every gradient agree with plain autograd, for any row block size (12 is one block)."""
+    inputs = _attention_inputs(torch.float32, seed=rows)
+    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(99))
+    got = RelPosAttention.apply(*inputs, rows)
+    got_grads = torch.autograd.grad(got, inputs, grad_out)
+    want = _materialised_attention(*inputs)
+    want_grads = torch.autograd.grad(want, inputs, grad_out)
+    assert torch.allclose(got, want, atol=1e-5)
+    for name, a, b in zip("q k v rel_h rel_w".split(), got_grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+        assert b.abs().max() > 1e-3, name  # every input really receives gradient
+
+
+def test_rel_pos_attention_in_bf16_stays_near_fp32():
+    """bf16 inputs give bf16 gradients within bf16 rounding of the fp32 ones (softmax statistics stay fp32)."""
+    exact = _attention_inputs(torch.float32, seed=3)
+    low = [t.detach().bfloat16().requires_grad_() for t in exact]
+    grad_out = torch.randn(exact[0].shape, generator=torch.Generator().manual_seed(5))
+    want = torch.autograd.grad(RelPosAttention.apply(*exact, 4), exact, grad_out)
+    got = torch.autograd.grad(RelPosAttention.apply(*low, 4), low, grad_out.bfloat16())
+    for name, a, b in zip("q k v rel_h rel_w".split(), got, want):
+        assert a.dtype == torch.bfloat16, name
+        assert (a.float() - b).abs().max() <= 0.05 * b.abs().max(), name
+
+
+def test_training_attention_keeps_no_probability_maps(micro):
+    """A training forward saves q, k, v, the bias factors and the output, never a (heads, N, N) tensor."""
+    attn = copy.deepcopy(micro.blocks[0].attn).train()
+    gh, gw = micro.config.grid_size
+    n = gh * gw
+    x = torch.randn(2, gh, gw, micro.config.embed_dim, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        attn(x).sum().backward()
+    assert saved and not [s for s in saved if len(s) > 2 and s[-2:] == (n, n)], saved
+    assert attn.rel_pos_h.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
 
 
 def test_loss_only_on_masked_patches(micro):
