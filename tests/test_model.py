@@ -11,11 +11,11 @@ import torch
 from fewseg.data import query_half_patches, random_patches
 from fewseg.model import (
     PRESETS,
+    RelPosAttention,
     SegGPTConfig,
     build_model,
     count_parameters,
     fingerprint,
-    RelPosAttention,
     get_rel_pos,
     key_positions,
 )
@@ -214,7 +214,7 @@ def test_rel_pos_attention_equals_autograd_through_the_materialised_bias(rows):
     want = _materialised_attention(*inputs)
     want_grads = torch.autograd.grad(want, inputs, grad_out)
     assert torch.allclose(got, want, atol=1e-5)
-    for name, a, b in zip("q k v rel_h rel_w".split(), got_grads, want_grads):
+    for name, a, b in zip("q k v rel_h rel_w".split(), got_grads, want_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
         assert b.abs().max() > 1e-3, name  # every input really receives gradient
 
@@ -226,7 +226,7 @@ def test_rel_pos_attention_in_bf16_stays_near_fp32():
     grad_out = torch.randn(exact[0].shape, generator=torch.Generator().manual_seed(5))
     want = torch.autograd.grad(RelPosAttention.apply(*exact, 4), exact, grad_out)
     got = torch.autograd.grad(RelPosAttention.apply(*low, 4), low, grad_out.bfloat16())
-    for name, a, b in zip("q k v rel_h rel_w".split(), got, want):
+    for name, a, b in zip("q k v rel_h rel_w".split(), got, want, strict=True):
         assert a.dtype == torch.bfloat16, name
         assert (a.float() - b).abs().max() <= 0.05 * b.abs().max(), name
 
