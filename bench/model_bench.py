@@ -89,20 +89,31 @@ def _train_mask(batch: int, seed: int = 1):
     return torch.from_numpy(np.stack([random_patches(config.grid_size, 0.75, rng) for _ in range(batch)]))
 
 
-class _PeakRSS:
-    """Samples this process's resident memory every few milliseconds while a task runs."""
+OUT_OF_MEMORY = 3  # a worker's exit status when its resident memory passed --max-rss-gb
 
-    def __init__(self) -> None:
+
+class _PeakRSS:
+    """Samples this process's resident memory every few milliseconds while a task runs.
+
+    Past `limit` bytes it ends the process with OUT_OF_MEMORY: a machine without swap would otherwise meet the
+    kernel's OOM killer, which may take the driver (or the user's other work) instead of the worker.
+    """
+
+    def __init__(self, limit: float = float("inf")) -> None:
         import psutil
 
         self._proc = psutil.Process()
         self.peak = 0
+        self.limit = limit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self._proc.memory_info().rss)
+            if self.peak > self.limit:
+                print(f"peak resident memory passed {self.limit / 1e9:.1f} GB", file=sys.stderr, flush=True)
+                os._exit(OUT_OF_MEMORY)
             time.sleep(0.005)
 
     def __enter__(self) -> _PeakRSS:
@@ -197,7 +208,7 @@ def worker(args: argparse.Namespace) -> None:
     net = _build(args.impl, args.model, Path(args.weights), train=args.task == "train2")
     step = _step_fn(args.impl, net, args.task, args.precision, args.compile, args.query_only)
     times = []
-    with _PeakRSS() as rss:
+    with _PeakRSS(args.max_rss_gb * 1e9) as rss:
         for i in range(args.warmup + args.repeats):
             t0 = time.perf_counter()
             out = step()
@@ -275,6 +286,7 @@ def bf16_native() -> bool:
 
 
 def run_worker(cmd_args: list[str], env_name: str, timeout: float) -> dict:
+    """One side's figures, or {"error": why} when it ran out of the memory allowed to it."""
     env = dict(os.environ)
     if env_name == "keep":
         env.update(KEEP_ENV)
@@ -283,9 +295,17 @@ def run_worker(cmd_args: list[str], env_name: str, timeout: float) -> dict:
             env.pop(key, None)
     cmd = [sys.executable, __file__, "--worker", *cmd_args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode == OUT_OF_MEMORY:
+        return {"error": r.stderr.strip().splitlines()[-1]}
     if r.returncode != 0:
         raise RuntimeError(f"worker {' '.join(cmd_args)} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _default_max_rss_gb() -> float:
+    import psutil
+
+    return round(0.9 * psutil.virtual_memory().total / 1e9, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--train-large", action="store_true", help="also time the training step of ViT-L")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--max-rss-gb",
+        type=float,
+        default=_default_max_rss_gb(),
+        help="stop a side whose resident memory passes this and report it as not fitting (default: 90%% of RAM)",
+    )
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     if args.worker:
@@ -360,7 +386,7 @@ def measure_row(args, tmp: Path, weights: Path, model: str, task: str, precision
         cmd = [
             "--impl", "ref" if side == "ref" else "fewseg", "--model", model, "--task", task,
             "--weights", str(weights), "--precision", precision, "--threads", str(args.threads),
-            "--save", str(save), "--warmup", warmup, "--repeats", repeats,
+            "--save", str(save), "--warmup", warmup, "--repeats", repeats, "--max-rss-gb", str(args.max_rss_gb),
         ]  # fmt: skip
         cmd += ["--compile"] if args.compile else []
         cmd += ["--query-only"] if side == "fewseg_q" else []
@@ -386,6 +412,18 @@ def print_row(row: dict, peak: float, header: bool) -> None:
     ref, ours = row["ref"], row["fewseg"]
     gf = row["gflop"]
     diff = row.get("max_abs_diff_fewseg")
+    failed = [f"{side}: {row[side]['error']}" for side in ("ref", "fewseg") if "error" in row[side]]
+    if failed:
+        # One side did not fit: print what the other measured, and why the ratios are missing.
+        def figures(side: dict) -> str:
+            return "did not fit" if "error" in side else f"{side['seconds']:.2f} s, {side['peak_rss'] / 1e9:.2f} GB"
+
+        print(
+            f"{row['model']:6} {row['task']:11} {row['precision']:4} {row['env']:7} | ref {figures(ref)} | "
+            f"fewseg {figures(ours)} | no ratio ({'; '.join(failed)})",
+            flush=True,
+        )
+        return
     line = (
         f"{row['model']:6} {row['task']:11} {row['precision']:4} {row['env']:7} | "
         f"{ref['seconds']:7.2f} {ours['seconds']:7.2f} {ref['seconds'] / ours['seconds']:6.2f}x | "

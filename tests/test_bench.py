@@ -30,6 +30,16 @@ def test_model_bench_runs_both_sides(tmp_path):
     assert sum(line.startswith("smoke") for line in out.splitlines()) == 1
 
 
+def test_model_bench_reports_a_side_that_does_not_fit_instead_of_crashing(tmp_path):
+    rows_json = tmp_path / "rows.json"
+    out = _run("bench/model_bench.py", "--models", "smoke", "--tasks", "fwd1", "--envs", "keep", "--repeats", "1",
+               "--threads", "1", "--precisions", "fp32", "--max-rss-gb", "0.01", "--json", str(rows_json))  # fmt: skip
+    (row,) = json.loads(rows_json.read_text())
+    assert row["ref"] == row["fewseg"] == {"error": "peak resident memory passed 0.0 GB"}
+    (line,) = [line for line in out.splitlines() if line.startswith("smoke")]
+    assert "did not fit" in line and "no ratio" in line
+
+
 def test_infer_bench_prints_ratios_on_the_test_config():
     out = _run("bench/infer_bench.py", "--config", "tests/config.test.yaml", "--queries", "1", "--threads", "1")
     speed, precision = out.split("\n\n")
