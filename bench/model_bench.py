@@ -206,7 +206,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     net = _build(args.impl, args.model, Path(args.weights), train=args.task == "train2")
-    step = _step_fn(args.impl, net, args.task, args.precision, args.compile, args.query_only)
+    step = _step_fn(args.impl, net, args.task, args.precision, args.compile != "none", args.query_only)
     times = []
     with _PeakRSS(args.max_rss_gb * 1e9) as rss:
         for i in range(args.warmup + args.repeats):
@@ -323,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--envs", default="default,keep")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
-    p.add_argument("--compile", action="store_true", help="torch.compile both sides (bf16 rows)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="both",
+        default="none",
+        choices=["none", "ref", "both"],
+        help="torch.compile the reference (ref) or both sides (both, or a bare --compile)",
+    )
     p.add_argument(
         "--query-only",
         action="store_true",
@@ -378,17 +385,19 @@ def measure_row(args, tmp: Path, weights: Path, model: str, task: str, precision
 
     row = {"model": model, "task": TASKS[task], "precision": precision, "env": env_name}
     sides = ["ref", "fewseg"] + (["fewseg_q"] if args.query_only and task != "train2" else [])
-    warmup = "0" if task == "fwd8" else "1"  # a batch-8 forward is long enough to time cold
     repeats = str(args.repeats if task == "fwd1" else 1)
     outs = {}
     for side in sides:
+        compiled = args.compile == "both" or (args.compile == "ref" and side == "ref")
+        # A batch-8 forward is long enough to time cold, unless its first call also compiles the model.
+        warmup = "0" if task == "fwd8" and not compiled else "1"
         save = tmp / f"{side}.pt"
         cmd = [
             "--impl", "ref" if side == "ref" else "fewseg", "--model", model, "--task", task,
             "--weights", str(weights), "--precision", precision, "--threads", str(args.threads),
             "--save", str(save), "--warmup", warmup, "--repeats", repeats, "--max-rss-gb", str(args.max_rss_gb),
         ]  # fmt: skip
-        cmd += ["--compile"] if args.compile else []
+        cmd += ["--compile"] if compiled else []
         cmd += ["--query-only"] if side == "fewseg_q" else []
         row[side] = run_worker(cmd, env_name, timeout=3600)
         if save.exists():

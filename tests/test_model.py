@@ -7,12 +7,15 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fewseg.data import query_half_patches, random_patches
 from fewseg.model import (
     PRESETS,
     RelPosAttention,
     SegGPTConfig,
+    _bias_rows,
+    _explicit_blocks,
     build_model,
     count_parameters,
     fingerprint,
@@ -135,6 +138,21 @@ def test_blocked_attention_equals_the_materialised_decomposed_bias(micro):
         want = (logits.softmax(-1) @ v).transpose(0, 1).reshape(n, -1)
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got, (logits - bias).softmax(-1).matmul(v).transpose(0, 1).reshape(n, -1), atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 20])
+def test_fp32_explicit_attention_equals_the_fused_kernel(rows):
+    """The CPU fp32 path (two bmm per row block, bias and softmax in place) computes what the fused kernel does."""
+    g = torch.Generator().manual_seed(5)
+    b, heads, gh, gw, d = 2, 3, 4, 5, 8
+    n = gh * gw
+    q, k, v = (torch.randn(b, heads, n, d, generator=g) for _ in range(3))
+    rel_h, rel_w = torch.randn(b, heads, n, gh, generator=g), torch.randn(b, heads, n, gw, generator=g)
+    got = torch.cat(list(_explicit_blocks(q, k, v, rel_h, rel_w, rows)), dim=1)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=_bias_rows(rel_h, rel_w, 0, n)).transpose(1, 2)
+    assert got.shape == (b, n, heads, d)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, F.scaled_dot_product_attention(q, k, v).transpose(1, 2), atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -312,6 +330,7 @@ def test_blocked_attention_mlp_and_query_decode_are_exact(micro, monkeypatch):
     # Force several blocks: a few query rows of bias and a few tokens of MLP at a time.
     monkeypatch.setattr(model_module.Attention, "bias_block_bytes", 7 * cfg.num_heads * cfg.num_patches * 4)
     monkeypatch.setattr(model_module.Block, "mlp_block_bytes", 5 * micro.blocks[0].mlp.fc1.out_features * 4)
+    monkeypatch.setattr(model_module.SegGPT, "decoder_block_bytes", 1)  # one item per decoder call
     with torch.no_grad():
         blocked = micro(images, labels, mask)
     assert torch.allclose(blocked, reference, atol=1e-5)
