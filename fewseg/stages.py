@@ -279,11 +279,12 @@ def write_prediction(out_dir: Path, query: dict, ids: np.ndarray, image: np.ndar
 
 def _model_and_device(model_path: str, runtime: dict):
     from fewseg.checkpoints import load_base_model
-    from fewseg.runtime import pick_device
+    from fewseg.runtime import freeze_for_precision, pick_device
 
     device = pick_device(runtime["device"])
     model, meta = load_base_model(model_path)
-    return model.to(device).eval(), meta, device
+    model = freeze_for_precision(model.to(device).eval().requires_grad_(False), device, runtime["precision"])
+    return model, meta, device
 
 
 def infer_base(input, output, params, progress=None) -> None:

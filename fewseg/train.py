@@ -47,7 +47,7 @@ from fewseg.prompt import (
     select_support_pair,
     support_iou,
 )
-from fewseg.runtime import autocast, pick_device
+from fewseg.runtime import autocast, freeze_for_precision, pick_device
 from fewseg.schedule import lr_at, set_lr
 
 log = logging.getLogger("fewseg.train")
@@ -664,15 +664,13 @@ class SupportCrops:
         return image, mask
 
 
-def _frozen_base_model(path: str | os.PathLike, device: torch.device) -> tuple[SegGPT, dict]:
+def _frozen_base_model(path: str | os.PathLike, device: torch.device, precision: str) -> tuple[SegGPT, dict]:
     from fewseg.checkpoints import load_base_model
 
     model, meta = load_base_model(path)
-    model.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.to(device).requires_grad_(False)
     model.train()  # frozen, but drop-path stays active as in the published system
-    return model, meta
+    return freeze_for_precision(model, device, precision), meta
 
 
 @dataclass(frozen=True)
@@ -723,7 +721,7 @@ def select_pair(
     :func:`fewseg.config.pair_settings`."""
     s = PairSettings.from_slice(settings)
     device = pick_device(s.device)
-    model, meta = _frozen_base_model(base_model_path, device)
+    model, meta = _frozen_base_model(base_model_path, device, s.precision)
     held, fit = split_support(support_tiles, s)
     side = largest_crop(s.crop_size, s.max_crop_size)
     try:
@@ -803,7 +801,7 @@ def _setup_prompt(
     """Load the frozen base model, cut the crops, build the prompt and its optimizer, resume if a run was killed."""
     seed = s.phase_seed(phase)
     device = pick_device(s.device)
-    model, meta = _frozen_base_model(base_model_path, device)
+    model, meta = _frozen_base_model(base_model_path, device, s.precision)
     cfg = model.config
     held, fit = split_support(support_tiles, s)
     crops = SupportCrops(fit, s, only_positive=(phase == 1))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fewseg.runtime
-from fewseg.runtime import autocast, cpu_bf16_flags, native_bf16, resolve_precision
+from fewseg.runtime import autocast, cpu_bf16_flags, freeze_for_precision, native_bf16, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -69,3 +69,27 @@ def test_autocast_follows_the_resolution(monkeypatch):
 def test_this_machine_is_described():
     native, why = native_bf16(CPU)
     assert isinstance(native, bool) and why.startswith("the CPU has")
+
+
+def test_frozen_matrix_weights_are_cast_once_with_identical_results():
+    """A frozen model under bf16 holds its linear and conv weights in bf16, and predicts exactly what autocast gives."""
+    from fewseg.data import query_half_patches
+    from fewseg.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("micro").eval().requires_grad_(False)
+    h, w = model.config.canvas_size
+    images, labels = torch.randn(2, 3, h, w), torch.randn(2, 3, h, w)
+    mask = torch.from_numpy(query_half_patches(model.config.grid_size))[None]
+    with torch.inference_mode(), autocast(CPU, "bf16"):
+        want = model(images, labels, mask).float()
+    assert freeze_for_precision(model, CPU, "fp32").blocks[0].attn.qkv.weight.dtype == torch.float32  # fp32: no cast
+    frozen = freeze_for_precision(model, CPU, "bf16")
+    assert frozen.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert frozen.decoder_pred[0].weight.dtype == frozen.patch_embed.proj.bias.dtype == torch.bfloat16
+    # What autocast keeps in fp32 stays fp32: layer norms, tokens, position tables.
+    kept = (frozen.norm.weight, frozen.pos_embed, frozen.blocks[0].attn.rel_pos_h, frozen.mask_token)
+    assert all(t.dtype == torch.float32 for t in kept)
+    with torch.inference_mode(), autocast(CPU, "bf16"):
+        got = frozen(images, labels, mask).float()
+    assert torch.equal(got, want)
