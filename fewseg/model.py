@@ -213,29 +213,56 @@ class RelPosAttention(torch.autograd.Function):
         q, k, v, rel_h, rel_w, out = ctx.saved_tensors
         b, heads, n, d = q.shape
         grid_h, grid_w = rel_h.shape[-1], rel_w.shape[-1]
+        low = q.dtype  # the dtype of the products: fp32, or bf16 / fp16 under autocast
         scale = d**-0.5
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        d_rel_h, d_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
-        k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
+        # (B * heads, N, d) operands; q and k pre-scaled, so that logits = q_s k^T + bias, dq = dS k_s, dk = dS^T q_s.
+        q_s, k_s = (q * scale).reshape(-1, n, d), (k * scale).reshape(-1, n, d)
+        k_t, v_t = k.reshape(-1, n, d).transpose(1, 2), v.reshape(-1, n, d).transpose(1, 2)
+        grad = grad_out.to(low).reshape(-1, n, d)
+        dq = torch.empty(b * heads, n, d, dtype=low, device=q.device)
+        dk, dv = torch.zeros_like(dq), torch.zeros_like(dq)
+        d_rel = torch.empty(b * heads, n, grid_h + grid_w, dtype=low, device=q.device)
+        keys_t = key_positions((grid_h, grid_w), low, q.device).t()  # (N, H + W): bias gradient as one product
         # Softmax backward, dS = P * (dP - rowsum(dO * O)); the row sums in fp32 as the softmax statistics are.
-        row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True).reshape(-1, n, 1)
+        if low != torch.float32:
+            # On the matrix units the bias joins the product: [q_s | rel_h | rel_w] @ [k^T ; key positions] gives
+            # the biased logits in one call, cheaper there than adding a bias block elementwise.
+            q_logits = torch.cat((q_s, rel_h.reshape(-1, n, grid_h), rel_w.reshape(-1, n, grid_w)), dim=-1)
+            k_logits = torch.cat((k_t, keys_t.t().expand(k_t.shape[0], -1, -1)), dim=1)
         for r0 in range(0, n, ctx.rows):
             r1 = min(r0 + ctx.rows, n)
-            q_rows, grad_rows = q[:, :, r0:r1], grad_out[:, :, r0:r1]
-            logits = torch.matmul(q_rows, k_t).mul_(scale).add_(_bias_rows(rel_h, rel_w, r0, r1))
+            if low == torch.float32:
+                logits = torch.bmm(q_s[:, r0:r1], k_t)
+                logits.view(b, heads, r1 - r0, grid_h, grid_w).add_(rel_h[:, :, r0:r1, :, None]).add_(
+                    rel_w[:, :, r0:r1, None, :]
+                )
+            else:
+                logits = torch.bmm(q_logits[:, r0:r1], k_logits)
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # fp32 statistics, as the forward kernel
             del logits
-            p_low = probs.to(q.dtype)
-            dv += torch.matmul(p_low.transpose(-1, -2), grad_rows)
-            d_logits = torch.matmul(grad_rows, v_t).float().sub_(row_dot[:, :, r0:r1]).mul_(probs)
-            del probs, p_low
-            by_key = d_logits.view(b, heads, r1 - r0, grid_h, grid_w)
-            d_rel_h[:, :, r0:r1] = by_key.sum(-1)
-            d_rel_w[:, :, r0:r1] = by_key.sum(-2)
-            d_logits = d_logits.to(q.dtype)
-            dq[:, :, r0:r1] = torch.matmul(d_logits, k).mul_(scale)
-            dk.add_(torch.matmul(d_logits.transpose(-1, -2), q_rows), alpha=scale)
-        return dq, dk, dv, d_rel_h, d_rel_w, None
+            p_low = probs if low == torch.float32 else probs.to(low)
+            dv.baddbmm_(p_low.transpose(1, 2), grad[:, r0:r1])
+            del p_low
+            d_logits = torch.bmm(grad[:, r0:r1], v_t)
+            if low == torch.float32:
+                d_logits.sub_(row_dot[:, r0:r1]).mul_(probs)
+            else:  # the difference in fp32, then one pass that multiplies and rounds back to the products' dtype
+                d_logits = torch.mul(torch.sub(d_logits, row_dot[:, r0:r1]), probs, out=torch.empty_like(d_logits))
+            del probs
+            torch.bmm(d_logits, keys_t.expand(d_logits.shape[0], -1, -1), out=d_rel[:, r0:r1])
+            torch.bmm(d_logits, k_s, out=dq[:, r0:r1])
+            dk.baddbmm_(d_logits.transpose(1, 2), q_s[:, r0:r1])
+        shape = (b, heads, n, d)
+        d_rel_h, d_rel_w = d_rel.view(b, heads, n, -1).split((grid_h, grid_w), dim=-1)
+        return (
+            dq.view(shape).to(q.dtype),
+            dk.view(shape).to(k.dtype),
+            dv.view(shape).to(v.dtype),
+            d_rel_h.to(rel_h.dtype),
+            d_rel_w.to(rel_w.dtype),
+            None,
+        )
 
 
 EnsembleSpec = tuple[int, int, bool]  # (streams, prompts per query, average over the streams too)
@@ -444,8 +471,10 @@ class SegGPT(nn.Module):
         x = self.decoder_embed(x)
         b, gh, gw, _ = x.shape
         p, d = self.config.patch_size, self.config.decoder_dim
-        x = x.reshape(b, gh, gw, p, p, d).permute(0, 5, 1, 3, 2, 4).reshape(b, d, gh * p, gw * p)
-        return self.decoder_pred(x)
+        # Pixel shuffle to a channels-last map: whole runs of p * d values move together, the convolutions take
+        # channels-last natively and LayerNorm2d's permute to channels-last is then a view instead of a copy.
+        x = x.reshape(b, gh, gw, p, p, d).permute(0, 1, 3, 2, 4, 5).reshape(b, gh * p, gw * p, d)
+        return self.decoder_pred(x.permute(0, 3, 1, 2))
 
     def forward(
         self,
