@@ -11,7 +11,15 @@ from fewseg.data import LazyPermutation, num_pairs, pair_at, query_half_patches,
 from fewseg.io import InputError, write_png
 from fewseg.metrics import ConfusionMatrix, summarize
 from fewseg.overlay import filter_decision, paste_class
-from fewseg.palette import as_palette, decode_canvas, ids_to_rgb, normalize, random_palette, rgb_to_ids
+from fewseg.palette import (
+    as_palette,
+    decode_canvas,
+    ids_to_rgb,
+    normalize,
+    random_palette,
+    rgb_to_ids,
+    unnormalize,
+)
 from fewseg.prompt import crop_windows
 from fewseg.schedule import lr_at
 from fewseg.submission import read_submission, write_submission
@@ -38,6 +46,19 @@ def test_decode_canvas_matches_numpy_decoding():
     ids = np.random.default_rng(1).integers(0, 8, size=(2, 8, 6)).astype(np.uint8)
     rgb = torch.from_numpy(OEM_PALETTE[ids]).permute(0, 3, 1, 2).float() / 255
     assert np.array_equal(decode_canvas(normalize(rgb), OEM_PALETTE), ids)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decode_canvas_is_the_argmin_of_palette_distances(channels_last):
+    """Noisy predictions in either memory layout decode to the nearest colour; a tie goes to the first colour."""
+    palette = np.array([[0, 0, 0], [200, 40, 40], [200, 40, 40], [30, 90, 250]], dtype=np.uint8)
+    pred = torch.randn(3, 3, 10, 7, generator=torch.Generator().manual_seed(2)) * 1.5
+    if channels_last:
+        pred = pred.contiguous(memory_format=torch.channels_last)
+    rgb = (unnormalize(pred).clamp(0, 1) * 255)[:, None]
+    want = ((rgb - torch.from_numpy(palette).float()[None, :, :, None, None]) ** 2).sum(2).argmin(1)
+    got = decode_canvas(pred, palette)
+    assert np.array_equal(got, want.numpy()) and set(np.unique(got)) == {0, 1, 3}  # never 2, the second of a tie
 
 
 def test_palette_rejects_duplicate_colours():
