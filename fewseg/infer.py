@@ -202,31 +202,55 @@ def predict_tiled(
 ) -> np.ndarray:
     """Class ids (palette indices) of one query image at its own size: a grid x grid tiling at the working size,
     each tile under the prompt ensemble, then optional seam repair (method section 7)."""
+    return predict_tiled_many(
+        model, [query], prompts, working_size=working_size, grid=grid, seam_repair=seam_repair, seam_band=seam_band,
+        device=device, batch_size=batch_size, precision=precision,
+    )[0]  # fmt: skip
+
+
+def predict_tiled_many(
+    model: SegGPT,
+    queries: Sequence[np.ndarray],
+    prompts: Prompts,
+    *,
+    working_size: int,
+    grid: int,
+    seam_repair: bool,
+    seam_band: int,
+    device: torch.device,
+    batch_size: int = 8,
+    precision: str = "fp32",
+) -> list[np.ndarray]:
+    """:func:`predict_tiled` for several query images under the same prompts, their tiles (and then their seam
+    crops) sharing forwards: a novel class's few tiles per query would otherwise fill a small part of each batch."""
     cfg = model.config
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
-    work = resize_image(query, working_size)
+    works = [resize_image(query, working_size) for query in queries]
     whole = np.ones((patches, w // cfg.patch_size), dtype=bool)
     boxes = tile_boxes(working_size, grid)
-    tiles = [resize_image(work[y0:y1, x0:x1], (h, w)) for y0, x0, y1, x1 in boxes]
-    ids = np.zeros((working_size, working_size), dtype=np.uint8)
+    tiles = [resize_image(work[y0:y1, x0:x1], (h, w)) for work in works for y0, x0, y1, x1 in boxes]
     predicted = predict_ensembled(
         model, tiles, None, [whole] * len(tiles), prompts, batch_size=batch_size, device=device, precision=precision
     )
-    for (y0, x0, y1, x1), tile_ids in zip(boxes, predicted, strict=True):
-        ids[y0:y1, x0:x1] = resize_nearest(tile_ids, (y1 - y0, x1 - x0))
+    ids_per_query = []
+    for i in range(len(works)):
+        ids = np.zeros((working_size, working_size), dtype=np.uint8)
+        for (y0, x0, y1, x1), tile_ids in zip(boxes, predicted[i * len(boxes) : (i + 1) * len(boxes)], strict=True):
+            ids[y0:y1, x0:x1] = resize_nearest(tile_ids, (y1 - y0, x1 - x0))
+        ids_per_query.append(ids)
     if seam_repair and grid > 1:
-        ids = repair_seams(
-            model, work, ids, prompts, grid=grid, band=seam_band, device=device, batch_size=batch_size,
+        ids_per_query = repair_seams(
+            model, works, ids_per_query, prompts, grid=grid, band=seam_band, device=device, batch_size=batch_size,
             precision=precision,
         )  # fmt: skip
-    return resize_nearest(ids, query.shape[:2])
+    return [resize_nearest(ids, query.shape[:2]) for ids, query in zip(ids_per_query, queries, strict=True)]
 
 
 def repair_seams(
     model: SegGPT,
-    work: np.ndarray,
-    ids: np.ndarray,
+    works: Sequence[np.ndarray],
+    ids_per_query: Sequence[np.ndarray],
     prompts: Prompts,
     *,
     grid: int,
@@ -234,26 +258,28 @@ def repair_seams(
     device: torch.device,
     batch_size: int = 8,
     precision: str = "fp32",
-) -> np.ndarray:
+) -> list[np.ndarray]:
     """Re-predict bands around the tiling's seams with the first pass's colours as context (method section 7).
 
-    Every crop reads the first pass only, so all crops are predicted together and pasted afterwards.
+    Every crop reads the first pass only, so all crops of all the queries are predicted together and pasted
+    afterwards. ``works``: the queries at the working size; ``ids_per_query``: their first-pass ids.
     """
     cfg = model.config
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
-    colours = prompts.palette[ids]
-    crops = seam_crops(ids.shape[0], grid, patches, band)
-    queries, lowers, masks = [], [], []
-    for crop in crops:
-        y0, x0, y1, x1 = crop.box
-        queries.append(resize_image(work[y0:y1, x0:x1], (h, w)))
-        lowers.append(resize_nearest(colours[y0:y1, x0:x1], (h, w)))
-        masks.append(band_mask(crop, patches))
+    crops = seam_crops(ids_per_query[0].shape[0], grid, patches, band) if ids_per_query else []
+    masks = [band_mask(crop, patches) for crop in crops]
+    queries, lowers = [], []
+    for work, ids in zip(works, ids_per_query, strict=True):
+        colours = prompts.palette[ids]
+        for y0, x0, y1, x1 in (crop.box for crop in crops):
+            queries.append(resize_image(work[y0:y1, x0:x1], (h, w)))
+            lowers.append(resize_nearest(colours[y0:y1, x0:x1], (h, w)))
     predicted = predict_ensembled(
-        model, queries, lowers, masks, prompts, batch_size=batch_size, device=device, precision=precision
+        model, queries, lowers, masks * len(works), prompts, batch_size=batch_size, device=device, precision=precision
     )
-    return paste_bands(ids, crops, masks, predicted)
+    n = len(crops)
+    return [paste_bands(ids, crops, masks, predicted[i * n : (i + 1) * n]) for i, ids in enumerate(ids_per_query)]
 
 
 def paste_bands(
@@ -335,7 +361,28 @@ def predict_novel(
     precision: str = "fp32",
 ) -> np.ndarray:
     """Binary mask (H, W) of one novel class under its learned prompt, at the query's own size."""
-    return predict_tiled(
-        model, query, novel_prompts(prompt_image, prompt_label), working_size=working_size, grid=grid,
+    return predict_novel_many(
+        model, [query], prompt_image, prompt_label, working_size=working_size, grid=grid, seam_repair=seam_repair,
+        seam_band=seam_band, batch_size=batch_size, device=device, precision=precision,
+    )[0]  # fmt: skip
+
+
+def predict_novel_many(
+    model: SegGPT,
+    queries: Sequence[np.ndarray],
+    prompt_image: torch.Tensor,
+    prompt_label: torch.Tensor,
+    *,
+    working_size: int,
+    grid: int,
+    seam_repair: bool,
+    seam_band: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> list[np.ndarray]:
+    """:func:`predict_novel` for several queries, whose tiles share forwards (one prompt serves them all)."""
+    return predict_tiled_many(
+        model, queries, novel_prompts(prompt_image, prompt_label), working_size=working_size, grid=grid,
         seam_repair=seam_repair, seam_band=seam_band, device=device, batch_size=batch_size, precision=precision,
     )  # fmt: skip

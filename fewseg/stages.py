@@ -319,7 +319,7 @@ def infer_base(input, output, params, progress=None) -> None:
 
 def infer_novel(input, output, params, progress=None) -> None:
     from fewseg.checkpoints import load_prompt
-    from fewseg.infer import predict_novel
+    from fewseg.infer import predict_novel_many
 
     s = _param(params, "settings")
     model, meta, device = _model_and_device(input.model, s["runtime"])
@@ -331,15 +331,19 @@ def infer_novel(input, output, params, progress=None) -> None:
     with atomic_dir(output[0]) as tmp:
         held_out = prompt.get("meta", {}).get("best_held_out_iou")
         write_json(tmp / "prompt.json", {"cls": s["cls"], "best_held_out_iou": held_out})
-        for n, q in enumerate(queries, 1):
-            image = read_image(q["image"])
-            mask = predict_novel(
-                model, image, prompt["prompt_image"], prompt["prompt_label"], working_size=s["working_size"],
+        # As many queries at a time as their tiles fill a batch: one prompt serves them all, so they share forwards.
+        group = max(1, s["batch_size"] // s["grid"] ** 2)
+        for start in range(0, len(queries), group):
+            chunk = queries[start : start + group]
+            images = [read_image(q["image"]) for q in chunk]
+            masks = predict_novel_many(
+                model, images, prompt["prompt_image"], prompt["prompt_label"], working_size=s["working_size"],
                 grid=s["grid"], seam_repair=s["seam_repair"], seam_band=s["seam_band"], batch_size=s["batch_size"],
                 device=device, precision=s["runtime"]["precision"],
             )  # fmt: skip
-            write_prediction(tmp, q, (mask > 0).astype(np.uint8) * np.uint8(s["cls"]), image, show)
-            log.info("class %d prediction %d/%d: %s (%d px)", s["cls"], n, len(queries), q["stem"], int(mask.sum()))
+            for n, (q, image, mask) in enumerate(zip(chunk, images, masks, strict=True), start + 1):
+                write_prediction(tmp, q, (mask > 0).astype(np.uint8) * np.uint8(s["cls"]), image, show)
+                log.info("class %d prediction %d/%d: %s (%d px)", s["cls"], n, len(queries), q["stem"], int(mask.sum()))
 
 
 def overlay_step(input, output, params, progress=None) -> None:

@@ -13,6 +13,7 @@ from fewseg.infer import (
     predict_base,
     predict_ensembled,
     predict_novel,
+    predict_novel_many,
     prompt_pairs,
     seam_crops,
     tile_boxes,
@@ -155,6 +156,24 @@ def test_batched_novel_inference_equals_one_tile_per_forward():
     many = predict_novel(model, query, p_img, p_lab, batch_size=16, **kwargs)
     assert np.array_equal(one, many)
     assert 0 < many.mean() < 1  # both classes present: the comparison has teeth
+
+
+def test_several_queries_sharing_forwards_predict_what_each_predicts_alone():
+    """Queries of different sizes under one prompt, tiles and seam crops batched across them, equal one-by-one runs."""
+    model = _loud_micro()
+    rng = np.random.default_rng(6)
+    queries = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(96, 96, 3), (70, 110, 3), (96, 96, 3)]]
+    h, w = model.config.tile_size
+    g = torch.Generator().manual_seed(1)
+    p_img, p_lab = torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
+    kwargs = dict(working_size=96, grid=3, seam_repair=True, seam_band=1, device=torch.device("cpu"))
+    alone = [predict_novel(model, q, p_img, p_lab, batch_size=4, **kwargs) for q in queries]
+    together = predict_novel_many(model, queries, p_img, p_lab, batch_size=16, **kwargs)
+    assert [m.shape for m in together] == [q.shape[:2] for q in queries]
+    for a, b in zip(alone, together, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(together[0], together[2])  # the queries really differ
+    assert all(0 < m.mean() < 1 for m in together)
 
 
 def test_a_novel_class_is_a_one_prompt_ensemble_with_the_binary_palette():
