@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -187,25 +188,11 @@ def predict_ensembled(
     return out
 
 
-def predict_tiled(
-    model: SegGPT,
-    query: np.ndarray,
-    prompts: Prompts,
-    *,
-    working_size: int,
-    grid: int,
-    seam_repair: bool,
-    seam_band: int,
-    device: torch.device,
-    batch_size: int = 8,
-    precision: str = "fp32",
-) -> np.ndarray:
+def predict_tiled(model: SegGPT, query: np.ndarray, prompts: Prompts, **settings: Any) -> np.ndarray:
     """Class ids (palette indices) of one query image at its own size: a grid x grid tiling at the working size,
-    each tile under the prompt ensemble, then optional seam repair (method section 7)."""
-    return predict_tiled_many(
-        model, [query], prompts, working_size=working_size, grid=grid, seam_repair=seam_repair, seam_band=seam_band,
-        device=device, batch_size=batch_size, precision=precision,
-    )[0]  # fmt: skip
+    each tile under the prompt ensemble, then optional seam repair (method section 7); ``settings`` as for
+    :func:`predict_tiled_many`."""
+    return predict_tiled_many(model, [query], prompts, **settings)[0]
 
 
 def predict_tiled_many(
@@ -222,7 +209,8 @@ def predict_tiled_many(
     precision: str = "fp32",
 ) -> list[np.ndarray]:
     """:func:`predict_tiled` for several query images under the same prompts, their tiles (and then their seam
-    crops) sharing forwards: a novel class's few tiles per query would otherwise fill a small part of each batch."""
+    crops) sharing forwards: a novel class's few tiles per query would otherwise fill a small part of each batch.
+    ``batch_size`` counts canvases per forward."""
     cfg = model.config
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
@@ -347,24 +335,11 @@ def novel_prompts(prompt_image: torch.Tensor, prompt_label: torch.Tensor) -> Pro
 
 
 def predict_novel(
-    model: SegGPT,
-    query: np.ndarray,
-    prompt_image: torch.Tensor,
-    prompt_label: torch.Tensor,
-    *,
-    working_size: int,
-    grid: int,
-    seam_repair: bool,
-    seam_band: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "fp32",
+    model: SegGPT, query: np.ndarray, prompt_image: torch.Tensor, prompt_label: torch.Tensor, **settings: Any
 ) -> np.ndarray:
-    """Binary mask (H, W) of one novel class under its learned prompt, at the query's own size."""
-    return predict_novel_many(
-        model, [query], prompt_image, prompt_label, working_size=working_size, grid=grid, seam_repair=seam_repair,
-        seam_band=seam_band, batch_size=batch_size, device=device, precision=precision,
-    )[0]  # fmt: skip
+    """Binary mask (H, W) of one novel class under its learned prompt, at the query's own size; ``settings`` as
+    for :func:`predict_novel_many`."""
+    return predict_novel_many(model, [query], prompt_image, prompt_label, **settings)[0]
 
 
 def predict_novel_many(
