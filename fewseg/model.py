@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from fewseg.model_config import PRESETS, SegGPTConfig
@@ -137,10 +138,12 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
         rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, grid)  # (B, heads, N, H), (B, heads, N, W)
         rows = max(1, self.bias_block_bytes // (b * self.num_heads * n * q.element_size()))
-        if torch.is_grad_enabled() and q.requires_grad and q.device.type != "cuda":
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or rel_h.requires_grad or rel_w.requires_grad)
+        if needs_grad and q.device.type != "cuda":
             # Training on a CPU: autograd through the fused kernel with a bias that needs a gradient falls back to
-            # the unfused path, which keeps every (heads, N, N) map for the backward pass. CUDA's memory-efficient
-            # kernel differentiates the bias itself.
+            # the unfused path, which keeps every (heads, N, N) map for the backward pass (and the fp32 path's
+            # in-place softmax cannot be differentiated at all). CUDA's memory-efficient kernel differentiates the
+            # bias itself.
             out = RelPosAttention.apply(q, k, v, rel_h, rel_w, rows)
             return out.transpose(1, 2).reshape(b, n, c)
         return torch.cat(list(_attention_blocks(q, k, v, rel_h, rel_w, rows)), dim=1).reshape(b, n, c)
@@ -215,6 +218,7 @@ class RelPosAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward writes its products in place: a second derivative would be wrong, not slow
     def backward(ctx, grad_out: Tensor):
         q, k, v, rel_h, rel_w, out = ctx.saved_tensors
         b, heads, n, d = q.shape

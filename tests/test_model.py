@@ -249,6 +249,20 @@ def test_rel_pos_attention_in_bf16_stays_near_fp32():
         assert (a.float() - b).abs().max() <= 0.05 * b.abs().max(), name
 
 
+def test_a_trained_bias_with_frozen_projections_gets_its_gradient(micro, monkeypatch):
+    """Only the relative-position tables train (qkv frozen, input without gradient): the bias still gets a gradient,
+    also where fp32 attention would take the explicit path, whose in-place softmax autograd cannot follow."""
+    from fewseg import model as model_module
+
+    monkeypatch.setattr(model_module, "EXPLICIT_MIN_TOKENS", 1)
+    attn = copy.deepcopy(micro.blocks[0].attn).train()
+    attn.qkv.requires_grad_(False)
+    torch.nn.init.normal_(attn.rel_pos_h, std=0.5)
+    gh, gw = micro.config.grid_size
+    attn(torch.randn(2, gh, gw, micro.config.embed_dim)).square().sum().backward()
+    assert attn.rel_pos_h.grad.abs().sum() > 0 and attn.rel_pos_w.grad.abs().sum() > 0
+
+
 def test_training_attention_keeps_no_probability_maps(micro):
     """A training forward saves q, k, v, the bias factors and the output, never a (heads, N, N) tensor."""
     attn = copy.deepcopy(micro.blocks[0].attn).train()
