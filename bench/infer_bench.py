@@ -9,7 +9,8 @@ pair) canvas with autograd bookkeeping off but not in inference mode, the whole 
 averaged over the pairs; fewseg runs each query's tiles and all their pairs through as few forwards as
 ``inference.batch_size`` allows, with the feature ensemble inside the model and only the query half decoded, and
 a novel class's queries, which share its one prompt, several to a forward as the ``infer_novel`` job runs them.
-Queries are random images at the working size (throughput does not depend on their content).
+Queries are random images at the working size (throughput does not depend on their content). The process keeps
+freed memory mapped, as every workflow job does (:mod:`fewseg.allocator`); ``--allocator system`` measures without.
 
 A second table runs fewseg's own inference in fp32 and under bf16 autocast (``runtime.precision: bf16``) side by
 side, with the share of pixels on which both agree. It is printed only where the device computes bf16 natively
@@ -26,6 +27,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from fewseg.allocator import keep_freed_memory
 from fewseg.config import load_config
 from fewseg.data import resize_image, resize_nearest
 from fewseg.infer import (
@@ -122,8 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-precision", action="store_true", help="skip the fp32 / bf16 table")
+    p.add_argument(
+        "--allocator",
+        choices=("keep", "system"),
+        default="keep",
+        help="keep: freed memory stays mapped, as in the workflow's jobs (default); system: glibc's defaults",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory() if args.allocator == "keep" else "allocator: system defaults"
     config = load_config(args.config, check_paths=False)
     inf = config["inference"]
     torch.manual_seed(0)
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     device = torch.device("cpu")
     print(f"model {config['model']['preset']}, working size {size}, {args.queries} queries, {args.threads} threads, "
-          f"batch_size {inf['batch_size']}")  # fmt: skip
+          f"batch_size {inf['batch_size']}; {allocator}")  # fmt: skip
     print(f"{'stage':28} {'naive q/s':>10} {'fewseg q/s':>11} {'ratio':>6}  same output")
     rows = stage_rows(model, queries, prompts, palette, inf, device)
     for label, naive, fast in rows:

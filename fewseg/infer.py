@@ -19,7 +19,7 @@ import torch
 from fewseg.data import resize_image, resize_nearest
 from fewseg.model import SegGPT
 from fewseg.palette import BINARY_PALETTE, decode_canvas, to_tensor
-from fewseg.runtime import autocast
+from fewseg.runtime import autocast, compute_dtype
 
 log = logging.getLogger("fewseg.infer")
 
@@ -124,8 +124,8 @@ class Prompts:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device) -> Prompts:
-        return Prompts(self.images.detach().to(device), self.labels.detach().to(device), self.palette)
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Prompts:
+        return Prompts(self.images.detach().to(device, dtype), self.labels.detach().to(device, dtype), self.palette)
 
 
 @torch.inference_mode()
@@ -171,13 +171,16 @@ def predict_ensembled(
     read), and ``masks[i]`` its query-half patch mask. As many query tiles as fit in ``batch_size`` canvases share
     one forward (at least one).
     """
-    prompts = prompts.to(device)
+    # Canvases are built in the dtype the patch embedding reads them in under autocast: the same values as
+    # building them in fp32 and letting autocast cast them, with half the bytes to repeat and concatenate.
+    dtype = compute_dtype(device, precision)
+    prompts = prompts.to(device, dtype)
     k = len(prompts)
     per_forward = max(1, batch_size // k)
     out: list[np.ndarray] = []
     for start in range(0, len(queries), per_forward):
         idx = range(start, min(start + per_forward, len(queries)))
-        q = to_tensor(np.stack([queries[i] for i in idx])).to(device)
+        q = to_tensor(np.stack([queries[i] for i in idx])).to(device, dtype)
         lower = torch.zeros_like(q) if lowers is None else to_tensor(np.stack([lowers[i] for i in idx])).to(device)
         n = len(idx)  # canvas i * k + j: query tile i under prompt j
         images = torch.cat([prompts.images.repeat(n, 1, 1, 1), q.repeat_interleave(k, dim=0)], dim=2)

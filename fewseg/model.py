@@ -77,7 +77,17 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if x.device.type != "cpu" or dtype == torch.float32:
+            return self.proj(x).permute(0, 2, 3, 1)
+        # bf16 / fp16 on a CPU: the convolution is a product of each patch's p * p * 3 values with the kernel, and
+        # as one matrix product on the unfolded patches it runs in half the time of the oneDNN convolution (which
+        # reorders its input first); in fp32 the convolution is the faster of the two.
+        b, c, h, w = x.shape
+        p = self.proj.kernel_size[0]
+        patches = x.to(dtype).reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c * p * p)
+        out = F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
+        return out.view(b, h // p, w // p, -1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -129,7 +139,7 @@ class Attention(nn.Module):
             per_item = self.num_heads * n * n * x.element_size()
         items = max(1, self.bias_block_bytes // per_item)
         flat = x.reshape(b, n, c)
-        out = torch.cat([self._attend(chunk, (h, w)) for chunk in flat.split(items)])
+        out = _join([self._attend(chunk, (h, w)) for chunk in flat.split(items)])
         return self.proj(out.reshape(b, h, w, c))
 
     def _attend(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -146,7 +156,12 @@ class Attention(nn.Module):
             # bias itself.
             out = RelPosAttention.apply(q, k, v, rel_h, rel_w, rows)
             return out.transpose(1, 2).reshape(b, n, c)
-        return torch.cat(list(_attention_blocks(q, k, v, rel_h, rel_w, rows)), dim=1).reshape(b, n, c)
+        return _join(list(_attention_blocks(q, k, v, rel_h, rel_w, rows)), dim=1).reshape(b, n, c)
+
+
+def _join(parts: list[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat`` of blocks, without its copy when there is one block (most calls of the small presets)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _bias_rows(rel_h: Tensor, rel_w: Tensor, r0: int, r1: int) -> Tensor:
@@ -477,34 +492,55 @@ class SegGPT(nn.Module):
     def forward_decoder(self, features: list[Tensor], query_only: bool = False) -> Tensor:
         """Per-patch linear to p*p*decoder_dim, pixel shuffle, then a small conv head to RGB.
 
-        query_only decodes just the query half (what inference reads), plus one patch row above it as context
-        for the 3x3 convolution, which is then cut off: the same pixels as the full decode, at half the cost.
+        query_only decodes just the query half (what inference reads), plus the one pixel row above it that the
+        3x3 convolution reads as context and which is then cut off: the same pixels as the full decode, at half
+        the cost.
         """
         x = torch.cat(features, dim=-1)
-        p = self.config.patch_size
         if query_only:
             x = x[:, x.shape[1] // 2 - 1 :]
         if torch.is_grad_enabled() or x.shape[0] == 1:
-            x = self._decode(x)
-        else:
-            # Inference: a few items at a time, so the full-resolution decoder maps never exist for the whole
-            # batch; as many as fit in decoder_block_bytes, since one small item per call is mostly overhead.
-            per_item = self.config.decoder_dim * x.shape[1] * x.shape[2] * p * p * 4
-            items = max(1, self.decoder_block_bytes // per_item)
-            # Contiguous chunks: a linear layer on a strided 4-D slice runs as many small batched products.
-            x = torch.cat([self._decode(chunk.contiguous()) for chunk in x.split(items)])
-        return x[:, :, p:] if query_only else x
+            return self._decode(x, query_only)
+        # Inference: a few items at a time, so the full-resolution decoder maps never exist for the whole batch;
+        # as many as fit in decoder_block_bytes, since one small item per call is mostly overhead.
+        p = self.config.patch_size
+        per_item = self.config.decoder_dim * x.shape[1] * x.shape[2] * p * p * 4
+        items = max(1, self.decoder_block_bytes // per_item)
+        # Contiguous chunks: a linear layer on a strided 4-D slice runs as many small batched products.
+        return _join([self._decode(chunk.contiguous(), query_only) for chunk in x.split(items)])
 
-    decoder_block_bytes = 64 * 2**20
+    # Small enough that a chunk's maps are reused from the cache and the allocator's free lists between the
+    # head's four passes: under glibc's default allocator (FEWSEG_ALLOCATOR=system) the tiny preset's inference ran
+    # 25-35% faster at 8 MB than at 64 MB on 2 cores, which page-faulted every fresh 64 MB map; with freed memory
+    # kept mapped, as in the workflow's jobs, 8, 16 and 64 MB measured the same. An item of a large preset exceeds
+    # it and is decoded alone.
+    decoder_block_bytes = 8 * 2**20
 
-    def _decode(self, x: Tensor) -> Tensor:
-        x = self.decoder_embed(x)
-        b, gh, gw, _ = x.shape
+    def _decode(self, x: Tensor, context_row: bool = False) -> Tensor:
+        """Tokens (B, gh, gw, C) to the RGB map (B, 3, gh * p, gw * p).
+
+        context_row: the first token row is context for the query half below it; only its last pixel row is
+        decoded (the one the 3x3 convolution reads) and the output starts below it, (B, 3, (gh - 1) * p, gw * p).
+        """
         p, d = self.config.patch_size, self.config.decoder_dim
+        if context_row:
+            # That pixel row's outputs are the last p * d of the linear's outputs: a slice of its weight.
+            k = (p - 1) * p * d
+            w, bias = self.decoder_embed.weight[k:], self.decoder_embed.bias[k:]
+            top = F.linear(x[:, :1], w, bias)  # (B, 1, gw, p * d): (pixel column, channel) in order
+            x = self.decoder_embed(x[:, 1:])
+        else:
+            x = self.decoder_embed(x)
+        b, gh, gw, _ = x.shape
         # Pixel shuffle to a channels-last map: whole runs of p * d values move together, the convolutions take
         # channels-last natively and LayerNorm2d's permute to channels-last is then a view instead of a copy.
-        x = x.reshape(b, gh, gw, p, p, d).permute(0, 1, 3, 2, 4, 5).reshape(b, gh * p, gw * p, d)
-        return self.decoder_pred(x.permute(0, 3, 1, 2))
+        rows = int(context_row)
+        out = x.new_empty(b, rows + gh * p, gw * p, d)
+        out[:, rows:].view(b, gh, p, gw, p, d).copy_(x.view(b, gh, gw, p, p, d).permute(0, 1, 3, 2, 4, 5))
+        if context_row:
+            out[:, 0].copy_(top.view(b, gw * p, d))
+        y = self.decoder_pred(out.permute(0, 3, 1, 2))
+        return y[:, :, rows:] if context_row else y
 
     def forward(
         self,

@@ -95,6 +95,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype of the matrix products under ``runtime/precision``: bfloat16 for bf16, else float32."""
+    import torch
+
+    return torch.bfloat16 if resolve_precision(device, precision) == "bf16" else torch.float32
+
+
 def freeze_for_precision(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
     """Hold the matrix weights of a model that will not train in the dtype autocast would cast them to.
 

@@ -419,3 +419,36 @@ def test_build_model_overrides():
     assert len(model.blocks) == 4 and model.config.feature_layers == (1, 3)
     with pytest.raises(ValueError):
         build_model("no_such_preset")
+
+
+def test_query_decode_with_autograd_matches_the_full_decode(micro):
+    """With autograd on (one call, no chunks) the query half decodes from one pixel row of context as well."""
+    cfg = micro.config
+    images, labels = _canvases(cfg, 3, seed=7)
+    mask = query_half_mask(cfg)
+    with torch.no_grad():
+        reference = micro(images, labels, mask)
+    query = micro(images, labels, mask, query_only=True)
+    assert query.requires_grad and query.shape[2] == images.shape[2] // 2
+    assert torch.allclose(query.detach(), reference[:, :, cfg.tile_size[0] :], atol=1e-5)
+    query.square().mean().backward()
+    assert micro.decoder_embed.weight.grad is not None
+
+
+def test_bf16_patch_embedding_is_the_convolution_as_one_product():
+    """Under CPU bf16 autocast the patches are projected by one matrix product; it equals the convolution to bf16
+    precision and trains the convolution's weights."""
+    from fewseg.model import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(4, 3, 16)
+    x = torch.randn(2, 3, 16, 8)
+    want = F.conv2d(x.bfloat16(), embed.proj.weight.bfloat16(), embed.proj.bias.bfloat16(), stride=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = embed(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 4, 2, 16)
+    torch.testing.assert_close(got.float(), want.permute(0, 2, 3, 1).float(), atol=2e-2, rtol=2e-2)
+    assert torch.allclose(embed(x), F.conv2d(x, embed.proj.weight, embed.proj.bias, stride=4).permute(0, 2, 3, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embed(x).float().sum().backward()
+    assert embed.proj.weight.grad is not None and embed.proj.weight.grad.abs().sum() > 0
