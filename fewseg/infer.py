@@ -181,7 +181,10 @@ def predict_ensembled(
     for start in range(0, len(queries), per_forward):
         idx = range(start, min(start + per_forward, len(queries)))
         q = to_tensor(np.stack([queries[i] for i in idx])).to(device, dtype)
-        lower = torch.zeros_like(q) if lowers is None else to_tensor(np.stack([lowers[i] for i in idx])).to(device)
+        if lowers is None:
+            lower = torch.zeros_like(q)
+        else:
+            lower = to_tensor(np.stack([lowers[i] for i in idx])).to(device, dtype)
         n = len(idx)  # canvas i * k + j: query tile i under prompt j
         images = torch.cat([prompts.images.repeat(n, 1, 1, 1), q.repeat_interleave(k, dim=0)], dim=2)
         labels = torch.cat([prompts.labels.repeat(n, 1, 1, 1), lower.repeat_interleave(k, dim=0)], dim=2)

@@ -53,9 +53,7 @@ def decode_canvas(pred: torch.Tensor, palette: np.ndarray) -> np.ndarray:
     """Decode predicted label pictures (B, 3, H, W) in normalised space to (B, H, W) uint8 ids."""
     import torch
 
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pred.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pred.device).view(1, 3, 1, 1)
-    rgb = torch.addcmul(mean, pred.float(), std).clamp_(0, 1)  # in [0, 1]; the palette is scaled instead
+    rgb = unnormalize(pred.float()).clamp_(0, 1)  # in [0, 1]; the palette is scaled instead
     pal = np.asarray(palette, dtype=np.float64)
     red, green, blue = rgb.unbind(1)
 
@@ -112,8 +110,5 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     arr = np.asarray(rgb)
     if arr.ndim == 3:
         arr = arr[None]
-    t = torch.from_numpy(np.require(arr, np.uint8, ["C", "W"])).permute(0, 3, 1, 2).float()
-    # normalize() in place: the same operations in the same order, without three fresh full-size tensors.
-    mean = torch.tensor(IMAGENET_MEAN, dtype=t.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=t.dtype).view(1, 3, 1, 1)
-    return t.div_(255.0).sub_(mean).div_(std)
+    t = torch.from_numpy(np.require(arr, np.uint8, ["C", "W"])).permute(0, 3, 1, 2).float() / 255.0
+    return normalize(t)
