@@ -15,8 +15,9 @@ Layout written under ``root`` (file names are ``<place>_<n>.tif``, train and tes
 Scenes: a partition of the tile into a few large warped Voronoi regions of classes 0, 1, 2, 3, 4 and 6; one to
 three roads (5) crossing the tile; buildings (7) with red-brown roofs. Novel objects: vehicles (8) on roads,
 parking lots with white stall markings (9) beside roads, sport fields with white lines (10) and buildings with a
-light gabled roof (11). Train tiles hold no novel object; each support tile holds several instances of exactly one
-novel class; query tiles hold a mix.
+light gabled roof (11). Train tiles show novel objects too, labelled 0 ("background/other"), as the challenge's train
+labels hold base classes only while its imagery shows every class; each support tile holds several instances of
+exactly one novel class; query tiles hold a mix.
 
 Every tile draws from its own random stream derived from ``seed``, so equal arguments give byte-identical files.
 """
@@ -536,15 +537,22 @@ def _write_tile(root: Path, folders: tuple[str, str], stem: str, image: np.ndarr
     write_geotiff(root / folders[1] / f"{stem}.tif", label, **georef)
 
 
-def _write_train(tmp: Path, spec: DemoSettings) -> tuple[list[str], list[np.ndarray]]:
-    stems, labels = [], []
+def _write_train(tmp: Path, spec: DemoSettings) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Train tiles show the novel classes as often as queries do, but label them 0, as the challenge's train set
+    does: the base model then learns to call them background, which the overlay's background check relies on.
+    Returns the stems, the written labels and the full labels (with the novel objects, for the manifest)."""
+    stems, labels, scenes = [], [], []
     for i in range(spec.n_train):
         stem = f"{TRAIN_PLACE}_{i + 1}"
-        img, lab = _draw_tile(_tile_rng(spec.seed, 1, i), spec.size, {}, None)
+        rng = _tile_rng(spec.seed, 1, i)
+        shown = {c for c in spec.novel_ids if rng.random() < _QUERY_PRESENCE}
+        img, full = _draw_tile(rng, spec.size, _query_counts(rng, shown, spec.scale), None)
+        lab = np.where(np.isin(full, NOVEL_IDS), 0, full).astype(np.uint8)
         _write_tile(tmp, ("trainset/images", "trainset/labels"), stem, img, lab, spec.georef(1, i))
         stems.append(stem)
         labels.append(lab)
-    return stems, labels
+        scenes.append(full)
+    return stems, labels, scenes
 
 
 def _write_support(
@@ -587,11 +595,12 @@ def _write_queries(
 
 def _manifest(
     spec: DemoSettings,
-    train: tuple[list[str], list[np.ndarray]],
+    train: tuple[list[str], list[np.ndarray], list[np.ndarray]],
     support: tuple[dict[str, list[str]], dict[str, list[np.ndarray]]],
     query: tuple[list[str], list[np.ndarray]],
 ) -> dict:
-    (train_stems, train_labels), (support_stems, support_labels), (query_stems, query_labels) = train, support, query
+    train_stems, train_labels, train_scenes = train
+    (support_stems, support_labels), (query_stems, query_labels) = support, query
     novel_ids = list(spec.novel_ids)
     all_ids = sorted(DEMO_CLASSES)
     return {
@@ -622,6 +631,11 @@ def _manifest(
             "support": {str(c): _fractions(support_labels[str(c)], [c])[str(c)] for c in novel_ids},
             "query": _fractions(query_labels, all_ids),
         },
+        # novel objects drawn in the train images but labelled 0 there: share of pixels, and tiles showing them
+        "train_unlabelled_novel": {
+            "class_fractions": _fractions(train_scenes, novel_ids),
+            "tiles_with_class": _presence(train_scenes, novel_ids),
+        },
         "tiles_with_class": {
             "train": _presence(train_labels, all_ids),
             "support": {str(c): _presence(support_labels[str(c)], [c])[str(c)] for c in novel_ids},
@@ -643,11 +657,13 @@ def make_demo_dataset(
     """Write the demo dataset under root (atomically: the whole root appears at once, replacing an old one) and
     return its manifest.
 
-    ``novel_ids`` picks which of the novel classes 8..11 get support tiles and appear in the queries. The manifest
+    ``novel_ids`` picks which of the novel classes 8..11 get support tiles and appear in the queries (and, labelled 0,
+    in the train images). The manifest
     (also written to ``root/manifest.json``) holds the arguments, the stems of the train tiles, of the support
     tiles per novel class and of the query tiles, the novel classes each query shows, the class names, and per
     split the share of pixels of each class (``class_fractions``; for the support split, the share of each novel
-    class in its own tiles) and the number of tiles showing it (``tiles_with_class``).
+    class in its own tiles) and the number of tiles showing it (``tiles_with_class``), and the same two figures for
+    the novel objects hidden under label 0 in the train tiles (``train_unlabelled_novel``).
     """
     spec = DemoSettings.checked(
         n_train=n_train, n_support_per_class=n_support_per_class, n_query=n_query, size=size, seed=seed,

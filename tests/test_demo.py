@@ -108,6 +108,15 @@ def test_train_labels_hold_base_classes_only(demo):
     assert seen >= {1, 2, 3, 4, 5, 6, 7}
 
 
+def test_train_images_show_novel_objects_labelled_background(demo):
+    # As in the challenge: the imagery shows every class, the labels only base ones, the rest is 0.
+    _, m = demo
+    hidden = m["train_unlabelled_novel"]
+    assert sum(hidden["tiles_with_class"].values()) >= 2
+    assert sum(hidden["class_fractions"].values()) > 0.005
+    assert m["class_fractions"]["train"]["0"] >= sum(hidden["class_fractions"].values())
+
+
 def test_support_labels_hold_exactly_one_novel_class(demo):
     root, m = demo
     for stem, cls in _support_stems(m).items():
