@@ -658,12 +658,12 @@ def make_demo_dataset(
     return its manifest.
 
     ``novel_ids`` picks which of the novel classes 8..11 get support tiles and appear in the queries (and, labelled 0,
-    in the train images). The manifest
-    (also written to ``root/manifest.json``) holds the arguments, the stems of the train tiles, of the support
-    tiles per novel class and of the query tiles, the novel classes each query shows, the class names, and per
-    split the share of pixels of each class (``class_fractions``; for the support split, the share of each novel
-    class in its own tiles) and the number of tiles showing it (``tiles_with_class``), and the same two figures for
-    the novel objects hidden under label 0 in the train tiles (``train_unlabelled_novel``).
+    in the train images). The manifest (also written to ``root/manifest.json``) holds the arguments, the stems of
+    the train tiles, of the support tiles per novel class and of the query tiles, the novel classes each query
+    shows, the class names, and per split the share of pixels of each class (``class_fractions``; for the support
+    split, the share of each novel class in its own tiles) and the number of tiles showing it
+    (``tiles_with_class``), and the same two figures for the novel objects hidden under label 0 in the train tiles
+    (``train_unlabelled_novel``).
     """
     spec = DemoSettings.checked(
         n_train=n_train, n_support_per_class=n_support_per_class, n_query=n_query, size=size, seed=seed,
