@@ -654,7 +654,7 @@ class SupportCrops:
         t_idx, y, x, s = self.items[k]
         image = self.images[t_idx][y : y + s, x : x + s]
         mask = self.masks[t_idx][y : y + s, x : x + s].astype(np.uint8)
-        image = resize_nearest(image, tile)
+        image = resize_image(image, tile)  # as inference resizes query tiles: a blocky enlargement is not seen there
         mask = resize_nearest(mask, tile)
         image, mask = flip([image, mask], bool(rng.random() < 0.5), bool(rng.random() < 0.5))
         factor = rng.uniform(*settings.brightness)

@@ -1,5 +1,6 @@
 """Base and prompt training in one process on tiny tiles: typed settings, and resuming after a kill."""
 
+import dataclasses
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 
@@ -99,3 +100,30 @@ def test_killed_prompt_training_resumes_to_the_same_prompt(config, tiles, tmp_pa
     assert torch.equal(resumed["prompt_label"], whole["prompt_label"])
     assert resumed["meta"]["held_out"] == whole["meta"]["held_out"] and len(whole["meta"]["held_out"]) == 1
     assert not torch.equal(whole["prompt_image"], torch.zeros_like(whole["prompt_image"]))
+
+
+def test_support_crops_are_resized_as_inference_resizes_queries(config, tiles):
+    """Prompt training must see crops as inference sees query tiles: bicubic images, nearest-neighbour masks.
+    A nearest-neighbour image (blocky at 2-4x) would teach the prompt a texture inference never shows it."""
+    import numpy as np
+
+    from fewseg.data import resize_image, resize_nearest
+    from fewseg.io import read_image, read_label
+    from fewseg.train import SupportCrops
+
+    s = PromptTrainingSettings.from_slice(prompt_settings(config, 9))
+    s = dataclasses.replace(s, brightness=(1.0, 1.0), blur_prob=0.0)
+    crops = SupportCrops(tiles[:1], s, only_positive=False)
+    image, label = read_image(tiles[0]["image"]), read_label(tiles[0]["label"]) > 0
+    tile = (64, 64)
+    enlarged = [k for k, (_, _, _, side) in enumerate(crops.items) if side < tile[0]]
+    assert enlarged  # where the two resizes differ
+    for k in enlarged:
+        _, y, x, side = crops.items[k]
+        got_image, got_mask = crops.sample(k, np.random.default_rng(k), tile, s)
+        want_image = resize_image(image[y : y + side, x : x + side], tile)
+        want_mask = resize_nearest(label[y : y + side, x : x + side].astype(np.uint8), tile)
+        flips = [(slice(None, None, sy), slice(None, None, sx)) for sy in (1, -1) for sx in (1, -1)]
+        assert any(
+            np.array_equal(got_image, want_image[f]) and np.array_equal(got_mask, want_mask[f]) for f in flips
+        ), k
