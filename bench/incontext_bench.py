@@ -8,6 +8,9 @@ random classes and a random palette each), but from another seed, so neither the
 ever drawn in pretraining or its validation. Each row is a range of classes per scene: the pretraining's own range
 first, then harder ones. Printed per row: the model's mean query mIoU, decoded with each episode's palette, beside
 the prompt-blind floor (painting the prompt's most common class over the whole query).
+
+Binary rows (``--binary``, on by default) pose the novel-class task: one class of the scene marked white, all else
+black; printed is the marked class's IoU on the query beside the IoU of marking the whole query (its share).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranges", default="2-4,5-6,7-8", help="classes per scene, one row each")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--binary", action=argparse.BooleanOptionalAction, default=True, help="also the one-class (binary) rows"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = args.recipe or args.weights.with_name(args.weights.name.removesuffix(".pt") + ".config.yaml")
@@ -58,15 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = model.config
     print(f"weights {args.weights.name}: {cfg.embed_dim} wide, {cfg.depth} blocks, tile {cfg.tile_size}; "
           f"{args.episodes} unseen episodes per row (seed {args.seed}), prompt alone")  # fmt: skip
-    print(f"{'classes':>8} {'mIoU':>7} {'floor':>7} {'seconds':>8}")
-    for part in args.ranges.split(","):
-        low, high = (int(x) for x in part.split("-"))
-        settings = episode_settings(recipe, args.seed, args.episodes, (low, high))
-        episodes = validation_episodes(settings, cfg.tile_size, cfg.grid_size)
-        start = time.perf_counter()
-        score = validate(model, episodes, args.batch_size, torch.device("cpu"), "fp32")
-        floor = prompt_blind_baseline(episodes, cfg.tile_size[0])
-        print(f"{part:>8} {score:7.3f} {floor:7.3f} {time.perf_counter() - start:8.1f}")
+    print(f"{'episodes':>8} {'classes':>8} {'mIoU':>7} {'floor':>7} {'seconds':>8}")
+    for binary in (False, True) if args.binary else (False,):
+        for part in args.ranges.split(","):
+            low, high = (int(x) for x in part.split("-"))
+            settings = episode_settings(recipe, args.seed, args.episodes, (low, high))
+            episodes = validation_episodes(settings, cfg.tile_size, cfg.grid_size, binary=binary)
+            start = time.perf_counter()
+            score = validate(model, episodes, args.batch_size, torch.device("cpu"), "fp32", marked_only=binary)
+            floor = prompt_blind_baseline(episodes, cfg.tile_size[0], marked_only=binary)
+            kind = "binary" if binary else "palette"
+            print(f"{kind:>8} {part:>8} {score:7.3f} {floor:7.3f} {time.perf_counter() - start:8.1f}")
 
 
 if __name__ == "__main__":

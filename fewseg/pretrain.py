@@ -32,7 +32,7 @@ from fewseg.demo import _noise
 from fewseg.errors import ConfigError
 from fewseg.metrics import ConfusionMatrix
 from fewseg.model import SegGPT, build_model, fingerprint
-from fewseg.palette import decode_canvas, random_palette
+from fewseg.palette import BINARY_PALETTE, decode_canvas, random_palette
 from fewseg.runtime import autocast, pick_device
 from fewseg.schedule import lr_at, set_lr
 from fewseg.train import (
@@ -174,15 +174,21 @@ def episode(
     grid: tuple[int, int],
     same_context: bool | None = None,
     augment: bool = True,
+    binary: bool | None = None,
 ) -> dict:
     """One training canvas (the keys of :func:`fewseg.data.base_sample`), drawn entirely from ``rng``.
 
     Same-context pairs show every class of the episode in both halves; mixed pairs show a random subset in each.
     As in base training, equal class sets get the query half masked and any other pair a random share of patches.
+    A binary episode marks one class present in both halves (an object or region class other than the scene's
+    filler where there is one) white on black, so its query half is always the masked one.
     """
     size = settings["working_size"]
     if same_context is None:
         same_context = bool(rng.random() < settings["same_context_share"])
+    if binary is None:  # no draw at binary_prob 0: recipes from before the setting keep their exact streams
+        share = settings.get("binary_prob", 0.0)
+        binary = bool(share > 0 and rng.random() < share)
     classes = draw_classes(num_classes, rng)
     palette = random_palette(num_classes, rng)
     halves = []
@@ -197,7 +203,17 @@ def episode(
         if augment and rng.random() < settings["blur_prob"]:
             image = blur(image, float(rng.uniform(*settings["blur_sigma"])))
         halves.append((image, ids))
+    if binary:
+        halves, palette = _mark_one_class(halves, rng)
     return pair_canvas(halves[0], halves[1], palette, grid, settings["mask_ratio"], rng)
+
+
+def _mark_one_class(halves: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator):
+    """The halves with one shared class as 1 and all else 0, and the black/white palette that paints them."""
+    shared = np.intersect1d(halves[0][1], halves[1][1])
+    marked = shared[shared > 0] if (shared > 0).any() else shared
+    cls = marked[int(rng.integers(len(marked)))]
+    return [(image, (ids == cls).astype(np.uint8)) for image, ids in halves], BINARY_PALETTE
 
 
 def training_sample(settings: dict, step: int, index: int, tile: tuple[int, int], grid: tuple[int, int]) -> dict:
@@ -209,14 +225,17 @@ def training_sample(settings: dict, step: int, index: int, tile: tuple[int, int]
     return episode(rng, num_classes, settings, tile, grid)
 
 
-def validation_episodes(settings: dict, tile: tuple[int, int], grid: tuple[int, int]) -> list[dict]:
-    """The fixed held-out episodes: same-context pairs over the whole class range, from their own stream."""
+def validation_episodes(
+    settings: dict, tile: tuple[int, int], grid: tuple[int, int], binary: bool = False
+) -> list[dict]:
+    """The fixed held-out episodes: same-context pairs over the whole class range, from their own stream;
+    ``binary``: the binary episodes, one class marked (a stream of their own again)."""
     low, high = settings["classes"]
     out = []
     for i in range(settings["val_episodes"]):
-        rng = np.random.default_rng([settings["seed"], VAL_STREAM, 0, i])
+        rng = np.random.default_rng([settings["seed"], VAL_STREAM, int(binary), i])
         num_classes = int(rng.integers(low, high + 1))
-        sample = episode(rng, num_classes, settings, tile, grid, same_context=True, augment=False)
+        sample = episode(rng, num_classes, settings, tile, grid, same_context=True, augment=False, binary=binary)
         sample["mask"] = query_half_patches(grid)
         out.append(sample)
     return out
@@ -227,8 +246,11 @@ def validation_episodes(settings: dict, tile: tuple[int, int], grid: tuple[int, 
 
 
 @torch.no_grad()
-def validate(model: SegGPT, episodes: Sequence[dict], batch_size: int, device, precision: str) -> float | None:
-    """Mean over episodes of the query half's mIoU, predicted from the prompt alone and decoded with its palette."""
+def validate(
+    model: SegGPT, episodes: Sequence[dict], batch_size: int, device, precision: str, marked_only: bool = False
+) -> float | None:
+    """Mean over episodes of the query half's mIoU, predicted from the prompt alone and decoded with its palette;
+    ``marked_only``: the IoU of class 1 alone (binary episodes, where the black rest is not what is asked)."""
     if not episodes:
         return None
     was_training = model.training
@@ -244,19 +266,23 @@ def validate(model: SegGPT, episodes: Sequence[dict], batch_size: int, device, p
             ids = decode_canvas(pred_one[None], sample["palette"])[0]
             cm = ConfusionMatrix(len(sample["palette"]))
             cm.update(ids[h:], sample["ids"][h:])
-            iou = cm.iou()
+            iou = cm.iou()[1:2] if marked_only else cm.iou()
             scores.append(float(np.nanmean(iou)) if not np.isnan(iou).all() else 0.0)
     model.train(was_training)
     return float(np.mean(scores))
 
 
-def prompt_blind_baseline(episodes: Sequence[dict], tile_height: int) -> float | None:
-    """The same mIoU for painting the prompt's most common class over the whole query: the floor to beat."""
+def prompt_blind_baseline(episodes: Sequence[dict], tile_height: int, marked_only: bool = False) -> float | None:
+    """The same mIoU for painting the prompt's most common class over the whole query: the floor to beat;
+    ``marked_only``: the marked class's IoU when the whole query is marked (its share of the query)."""
     if not episodes:
         return None
     scores = []
     for sample in episodes:
         prompt, query = sample["ids"][:tile_height], sample["ids"][tile_height:]
+        if marked_only:
+            scores.append(float((query == 1).mean()))
+            continue
         cm = ConfusionMatrix(len(sample["palette"]))
         cm.update(np.full_like(query, np.bincount(prompt.ravel()).argmax()), query)
         scores.append(float(np.nanmean(cm.iou())))
@@ -347,6 +373,8 @@ def pretrain(
         log.info("resuming pretraining at step %d of %d", start, p["steps"])
     val_set = validation_episodes(p, cfg.tile_size, cfg.grid_size)
     baseline = prompt_blind_baseline(val_set, cfg.tile_size[0])
+    binary_set = validation_episodes(p, cfg.tile_size, cfg.grid_size, binary=True) if p["binary_prob"] > 0 else []
+    binary_baseline = prompt_blind_baseline(binary_set, cfg.tile_size[0], marked_only=True)
     log.info(
         "in-context pretraining of %s: %d steps of %d synthetic episodes, %d to %d classes a scene "
         "(curriculum over %d steps), %d held-out episodes (mIoU of painting the prompt's main class: %s); "
@@ -354,6 +382,11 @@ def pretrain(
         p["preset"], p["steps"], p["batch_size"], *p["classes"], p["curriculum_steps"], len(val_set), baseline,
         sum(x.numel() for x in model.parameters()), device,
     )  # fmt: skip
+    if binary_set:
+        log.info(
+            "%.0f%% of episodes mark one class white on black; %d held-out binary episodes (IoU of marking the whole "
+            "query: %.3f)", 100 * p["binary_prob"], len(binary_set), binary_baseline,
+        )  # fmt: skip
 
     def checkpoint(done: int) -> None:
         save_torch(
@@ -389,7 +422,12 @@ def pretrain(
             row["val_miou"] = miou
             if miou is not None and (best is None or miou > best["val_miou"]):
                 best = {"step": done, "val_miou": miou}
-            log.info("step %d: loss %.4f lr %.2e held-out mIoU %s", done, row["loss"], lr, miou)
+            if binary_set:
+                row["val_binary_iou"] = validate(model, binary_set, p["batch_size"], device, precision, True)
+            log.info(
+                "step %d: loss %.4f lr %.2e held-out mIoU %s%s", done, row["loss"], lr, miou,
+                f", binary IoU {row['val_binary_iou']:.4f}" if binary_set else "",
+            )  # fmt: skip
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
@@ -404,7 +442,8 @@ def pretrain(
     meta = {
         "source": "in-context pretraining", "start_from": p.get("start_from"), "steps": p["steps"],
         "final_val_miou": final, "best": best,
-        "val_baseline_miou": baseline,
+        "val_baseline_miou": baseline, "binary_prob": p["binary_prob"],
+        "final_val_binary_iou": history[-1].get("val_binary_iou") if history else None,
     }  # fmt: skip
     fp = save_pretrained(out_model, model.cpu(), meta, fp16=p["fp16"])
     write_history(out_history, history)

@@ -99,7 +99,11 @@ def plot_history(path: str | os.PathLike, rows: Sequence[dict], title: str) -> N
     axes[1].set_title("learning rate")
     val = [(r["step"], r["val_miou"]) for r in rows if r.get("val_miou") not in (None, "")]
     if val:
-        axes[2].plot(*zip(*val, strict=True), marker="o")
+        axes[2].plot(*zip(*val, strict=True), marker="o", label="mIoU")
+    binary = [(r["step"], r["val_binary_iou"]) for r in rows if r.get("val_binary_iou") not in (None, "")]
+    if binary:  # pretraining's binary episodes: the marked class's IoU
+        axes[2].plot(*zip(*binary, strict=True), marker="s", label="binary IoU")
+        axes[2].legend()
     axes[2].set_title("validation mIoU (held-out tiles)")
     for ax in axes:
         ax.set_xlabel("step")

@@ -16,6 +16,7 @@ from fewseg.checkpoints import load_base_model
 from fewseg.config import load_config, pretraining_settings
 from fewseg.data import query_half_patches
 from fewseg.model import PRESETS, fingerprint
+from fewseg.palette import BINARY_PALETTE
 from fewseg.pretrain import (
     curriculum_classes,
     pretrain,
@@ -92,6 +93,42 @@ def test_pair_kinds_and_their_masks():
         assert s["mask"][: s["mask"].size // 2].any()  # the prompt half is masked too
 
 
+def test_binary_episodes_mark_one_shared_class_white_on_black():
+    grid = MICRO.grid_size
+    drawn = [_sample(0, i, binary_prob=0.5, classes=[4, 4]) for i in range(12)]
+    binary = [s for s in drawn if len(s["palette"]) == 2]
+    assert 0 < len(binary) < len(drawn)  # about half of the episodes, the rest as before
+    for s in binary:
+        assert np.array_equal(s["palette"], BINARY_PALETTE) and np.array_equal(s["label"], BINARY_PALETTE[s["ids"]])
+        top, bottom = np.split(s["ids"], 2)
+        assert top.any() and bottom.any() and not top.all()  # the marked class is in both halves, not everywhere
+        assert np.array_equal(s["mask"], query_half_patches(grid))  # the query half is what is asked
+    # at binary_prob 0 nothing extra is drawn: the recipes written before the setting keep their exact episodes
+    without = dict(_settings()["pretraining"])
+    del without["binary_prob"]
+    for i in range(3):
+        old = training_sample(without, 2, i, MICRO.tile_size, MICRO.grid_size)
+        assert np.array_equal(old["image"], _sample(2, i, binary_prob=0.0)["image"])
+
+
+def test_binary_validation_scores_the_marked_class_alone():
+    p = _settings(val_episodes=4, binary_prob=0.5)["pretraining"]
+    episodes = validation_episodes(p, MICRO.tile_size, MICRO.grid_size, binary=True)
+    assert all(len(e["palette"]) == 2 for e in episodes)
+    assert not any(np.array_equal(a["image"], b["image"]) for a in episodes
+                   for b in validation_episodes(p, MICRO.tile_size, MICRO.grid_size))  # fmt: skip
+    assert validate(_Oracle(), episodes, 2, torch.device("cpu"), "fp32", marked_only=True) == pytest.approx(1.0)
+
+    class _Nothing(_Oracle):  # marks nothing: the black rest is right, the marked class missed
+        def forward(self, images, labels, mask):
+            return torch.zeros_like(labels) - 1.0
+
+    assert validate(_Nothing(), episodes, 2, torch.device("cpu"), "fp32", marked_only=True) == 0.0
+    assert validate(_Nothing(), episodes, 2, torch.device("cpu"), "fp32") > 0.3  # what the plain mIoU would credit
+    shares = [float((e["ids"][MICRO.tile_size[0] :] == 1).mean()) for e in episodes]
+    assert prompt_blind_baseline(episodes, MICRO.tile_size[0], marked_only=True) == pytest.approx(np.mean(shares))
+
+
 def test_curriculum_grows_classes_per_scene():
     p = _settings(classes=[2, 8], curriculum_steps=60)["pretraining"]
     assert [curriculum_classes(s, p) for s in (0, 30, 60, 1000)] == [2, 5, 8, 8]
@@ -149,6 +186,7 @@ def test_a_few_steps_write_loadable_outputs(tmp_path):
     assert 0.0 < result["val_baseline_miou"] <= 1.0
     lines = (out / "history.csv").read_text().splitlines()
     assert lines[0].startswith("step,") and len(lines) == 4
+    assert "val_binary_iou" not in lines[0] and result["final_val_binary_iou"] is None  # binary_prob 0: no such curve
     losses = [float(line.split(",")[lines[0].split(",").index("loss")]) for line in lines[1:]]
     assert all(np.isfinite(losses))
     assert (out / "history.png").read_bytes()[:4] == b"\x89PNG"
@@ -181,6 +219,14 @@ def test_same_settings_same_weights_and_resume_reaches_them(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fewseg.pretrain"):
         again = _run(tmp_path, "whole", settings)
     assert "resuming" not in caplog.text and again["fingerprint"] == whole["fingerprint"]
+
+
+def test_binary_share_adds_its_held_out_curve(tmp_path):
+    result = _run(tmp_path, "run", _settings(steps=2, binary_prob=0.5))
+    header, *rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    column = header.split(",").index("val_binary_iou")
+    assert [float(r.split(",")[column]) for r in rows if r.split(",")[column]] == [result["final_val_binary_iou"]]
+    assert 0.0 <= result["final_val_binary_iou"] <= 1.0 and result["binary_prob"] == 0.5
 
 
 def test_fp16_output_halves_the_file(tmp_path):
