@@ -17,7 +17,8 @@ three roads (5) crossing the tile; buildings (7) with red-brown roofs. Novel obj
 parking lots with white stall markings (9) beside roads, sport fields with white lines (10) and buildings with a
 light gabled roof (11). Train tiles show novel objects too, labelled 0 ("background/other"), as the challenge's train
 labels hold base classes only while its imagery shows every class; each support tile holds several instances of
-exactly one novel class; query tiles hold a mix.
+exactly one novel class, labelled, and (``support_distractors``) the other novel classes unlabelled, as a query
+shows them; query tiles hold a mix.
 
 Every tile draws from its own random stream derived from ``seed``, so equal arguments give byte-identical files.
 """
@@ -472,10 +473,19 @@ class DemoSettings:
     size: int
     seed: int
     novel_ids: tuple[int, ...]
+    support_distractors: bool = True
 
     @classmethod
     def checked(
-        cls, *, n_train: int, n_support_per_class: int, n_query: int, size: int, seed: int, novel_ids: Sequence[int]
+        cls,
+        *,
+        n_train: int,
+        n_support_per_class: int,
+        n_query: int,
+        size: int,
+        seed: int,
+        novel_ids: Sequence[int],
+        support_distractors: bool = True,
     ) -> DemoSettings:
         """Settings with ints for every count and sorted novel ids; a bad value is a ValueError naming it."""
         ids = [int(c) for c in novel_ids]
@@ -483,7 +493,7 @@ class DemoSettings:
             raise ValueError(f"novel_ids must be distinct ids among {list(NOVEL_IDS)}, got {ids}")
         settings = cls(
             n_train=int(n_train), n_support_per_class=int(n_support_per_class), n_query=int(n_query),
-            size=int(size), seed=int(seed), novel_ids=tuple(sorted(ids)),
+            size=int(size), seed=int(seed), novel_ids=tuple(sorted(ids)), support_distractors=bool(support_distractors),
         )  # fmt: skip
         for name, low in (("n_train", 1), ("n_support_per_class", 1), ("n_query", 1), ("size", 64)):
             if getattr(settings, name) < low:
@@ -557,24 +567,35 @@ def _write_train(tmp: Path, spec: DemoSettings) -> tuple[list[str], list[np.ndar
 
 def _write_support(
     tmp: Path, spec: DemoSettings, test_numbers: list[int]
-) -> tuple[dict[str, list[str]], dict[str, list[np.ndarray]]]:
-    """Support tiles take test indices 0..n_support-1: each holds one novel class, labelled with it alone."""
+) -> tuple[dict[str, list[str]], dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """Support tiles take test indices 0..n_support-1: each holds one novel class, labelled with it alone.
+
+    With ``support_distractors`` a support image also shows the other novel classes as often as a query does,
+    labelled 0 ("not this class", as the challenge's support labels say): prompts then see the look-alikes they
+    must leave out (a parking lot's white lines beside a sport field's), as they do on real tiles.
+    """
     stems: dict[str, list[str]] = {str(c): [] for c in spec.novel_ids}
     labels: dict[str, list[np.ndarray]] = {str(c): [] for c in spec.novel_ids}
+    scenes: dict[str, list[np.ndarray]] = {str(c): [] for c in spec.novel_ids}
     t = 0
     for cls in spec.novel_ids:
         for _ in range(spec.n_support_per_class):
             rng = _tile_rng(spec.seed, 2, t)
             stem = f"{TEST_PLACE}_{test_numbers[t]}"
-            img, lab = _draw_tile(rng, spec.size, _support_counts(rng, cls, spec.scale), cls)
+            counts = _support_counts(rng, cls, spec.scale)
+            if spec.support_distractors:
+                others = {c for c in spec.novel_ids if c != cls and rng.random() < _QUERY_PRESENCE}
+                counts = {**_query_counts(rng, others, spec.scale), **counts}
+            img, lab = _draw_tile(rng, spec.size, counts, cls)
             binary = np.where(lab == cls, cls, 0).astype(np.uint8)
             if not binary.any():
                 raise RuntimeError(f"support tile {stem} came out without class {cls}")
             _write_tile(tmp, ("testset/images", "testset/labels"), stem, img, binary, spec.georef(2, t))
             stems[str(cls)].append(stem)
             labels[str(cls)].append(binary)
+            scenes[str(cls)].append(lab)
             t += 1
-    return stems, labels
+    return stems, labels, scenes
 
 
 def _write_queries(
@@ -596,11 +617,11 @@ def _write_queries(
 def _manifest(
     spec: DemoSettings,
     train: tuple[list[str], list[np.ndarray], list[np.ndarray]],
-    support: tuple[dict[str, list[str]], dict[str, list[np.ndarray]]],
+    support: tuple[dict[str, list[str]], dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]],
     query: tuple[list[str], list[np.ndarray]],
 ) -> dict:
     train_stems, train_labels, train_scenes = train
-    (support_stems, support_labels), (query_stems, query_labels) = support, query
+    (support_stems, support_labels, support_scenes), (query_stems, query_labels) = support, query
     novel_ids = list(spec.novel_ids)
     all_ids = sorted(DEMO_CLASSES)
     return {
@@ -636,6 +657,13 @@ def _manifest(
             "class_fractions": _fractions(train_scenes, novel_ids),
             "tiles_with_class": _presence(train_scenes, novel_ids),
         },
+        # novel objects drawn in the support images of the other classes, labelled 0 there (support_distractors)
+        "support_unlabelled_novel": {
+            "tiles_with_class": {
+                str(c): sum(int((lab == c).any()) for k, labs in support_scenes.items() if k != str(c) for lab in labs)
+                for c in novel_ids
+            },
+        },
         "tiles_with_class": {
             "train": _presence(train_labels, all_ids),
             "support": {str(c): _presence(support_labels[str(c)], [c])[str(c)] for c in novel_ids},
@@ -653,6 +681,7 @@ def make_demo_dataset(
     size: int = 256,
     seed: int = 0,
     novel_ids: Sequence[int] = NOVEL_IDS,
+    support_distractors: bool = True,
 ) -> dict:
     """Write the demo dataset under root (atomically: the whole root appears at once, replacing an old one) and
     return its manifest.
@@ -663,11 +692,13 @@ def make_demo_dataset(
     shows, the class names, and per split the share of pixels of each class (``class_fractions``; for the support
     split, the share of each novel class in its own tiles) and the number of tiles showing it
     (``tiles_with_class``), and the same two figures for the novel objects hidden under label 0 in the train tiles
-    (``train_unlabelled_novel``).
+    (``train_unlabelled_novel``), and the support tiles of other classes whose images show each novel class
+    (``support_unlabelled_novel``). ``support_distractors`` draws the other novel classes into the support images
+    too, labelled 0 (see :func:`_write_support`).
     """
     spec = DemoSettings.checked(
         n_train=n_train, n_support_per_class=n_support_per_class, n_query=n_query, size=size, seed=seed,
-        novel_ids=novel_ids,
+        novel_ids=novel_ids, support_distractors=support_distractors,
     )  # fmt: skip
     # The plan (which classes each query shows, the shuffled test tile numbers) has its own stream.
     plan_rng = _tile_rng(spec.seed, 0, 0)

@@ -125,6 +125,24 @@ def test_support_labels_hold_exactly_one_novel_class(demo):
         assert (lab == cls).mean() >= 0.01, f"{stem}: too little of class {cls}"
 
 
+def test_support_images_show_other_novel_classes_unlabelled(demo, tmp_path):
+    root, m = demo
+    shown = m["support_unlabelled_novel"]["tiles_with_class"]
+    assert sorted(shown) == ["10", "11", "8", "9"] and sum(shown.values()) >= 2  # 8 tiles, 3 others each at 0.6
+    plain = make_demo_dataset(tmp_path / "plain", seed=1, support_distractors=False, **SMALL)
+    assert plain["support_unlabelled_novel"]["tiles_with_class"] == {"8": 0, "9": 0, "10": 0, "11": 0}
+    assert plain["query"] == m["query"] and plain["support"] == m["support"]
+    images = "testset/images/{}.tif"
+    for stem in m["query"]:  # only the support tiles change: train and query tiles keep their own streams
+        assert np.array_equal(
+            read_image(root / images.format(stem)), read_image(tmp_path / "plain" / images.format(stem))
+        )
+    assert not all(
+        np.array_equal(read_image(root / images.format(s)), read_image(tmp_path / "plain" / images.format(s)))
+        for s in _support_stems(m)
+    )
+
+
 def test_query_labels(demo):
     root, m = demo
     labels = {s: read_label(root / "testset_query_labels" / f"{s}.tif") for s in m["query"]}
