@@ -2,12 +2,15 @@
 config change invalidates."""
 
 import json
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 from workflow_utils import (
+    ROOT,
     load_test_config,
     modified,
     output_mtimes,
@@ -41,6 +44,27 @@ def test_dry_run_lists_every_stage(tmp_path):
     assert jobs["train_prompt_phase1"] == jobs["train_prompt_phase2"] == jobs["infer_novel"] == 4
     assert jobs["select_support_pair"] == jobs["infer_novel_pair"] == 4
     assert jobs["overlay_step"] == 4 and jobs["embed_tiles"] == 3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-n", "results/submission.zip"],
+        ["results/submission.zip", "-nq"],  # the two forms the README gives for a quiet dry run
+        ["-n", "-q", "--", "results/submission.zip"],
+    ],
+)
+def test_dry_run_of_the_submission_as_a_user_types_it(tmp_path, args):
+    """In a checkout with the default config and profile, the target named on the command line."""
+    for name in ("Snakefile", "rules", "workflow_scripts", "config.yaml", "profiles", "resources"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    if not any(a in ("-q", "-nq") for a in args):  # quiet runs print no job list
+        assert "make_submission" in r.stdout + r.stderr
+    assert not (tmp_path / "results").exists()  # a dry run writes no output
 
 
 def test_submission_zip_is_what_the_challenge_wants(run):
