@@ -188,10 +188,9 @@ def base_sample(
     crops = [a[y : y + th, x : x + tw] for a in (img_a, ids_a, img_b, ids_b)]
     crops = flip(crops, bool(rng.random() < 0.5), bool(rng.random() < 0.5))
     img_a, ids_a, img_b, ids_b = crops
-    shared = np.intersect1d(ids_a, ids_b) if binary_prob > 0 and rng.random() < binary_prob else ()
-    if len(shared):
-        cls = shared[int(rng.integers(0, len(shared)))]
-        ids_a, ids_b = (ids_a == cls).astype(np.uint8), (ids_b == cls).astype(np.uint8)
+    marked = mark_one_class(ids_a, ids_b, rng) if binary_prob > 0 and rng.random() < binary_prob else None
+    if marked is not None:
+        ids_a, ids_b = marked
         palette = BINARY_PALETTE
     else:
         use_random = fixed_palette is None or rng.random() < random_palette_prob
@@ -201,6 +200,20 @@ def base_sample(
     if rng.random() < blur_prob:
         img_b = blur(img_b, float(rng.uniform(*blur_sigma)))
     return pair_canvas((img_a, ids_a), (img_b, ids_b), palette, grid, mask_ratio, rng)
+
+
+def mark_one_class(
+    ids_a: np.ndarray, ids_b: np.ndarray, rng: np.random.Generator, skip_zero: bool = False
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both label arrays with one class they share as 1 and all else 0, the task a novel-class prompt sets; None
+    when they share no class. ``skip_zero`` prefers any shared class other than 0 where there is one."""
+    shared = np.intersect1d(ids_a, ids_b)
+    if skip_zero and (shared > 0).any():
+        shared = shared[shared > 0]
+    if not len(shared):
+        return None
+    cls = shared[int(rng.integers(0, len(shared)))]
+    return (ids_a == cls).astype(np.uint8), (ids_b == cls).astype(np.uint8)
 
 
 def pair_canvas(

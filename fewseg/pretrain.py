@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fewseg.checkpoints import BASE_FORMAT, FORMAT_VERSION, load_resume, save_torch
-from fewseg.data import blur, pair_canvas, query_half_patches, resize_image, resize_nearest
+from fewseg.data import blur, mark_one_class, pair_canvas, query_half_patches, resize_image, resize_nearest
 from fewseg.demo import _noise
 from fewseg.errors import ConfigError
 from fewseg.metrics import ConfusionMatrix
@@ -203,17 +203,11 @@ def episode(
         if augment and rng.random() < settings["blur_prob"]:
             image = blur(image, float(rng.uniform(*settings["blur_sigma"])))
         halves.append((image, ids))
-    if binary:
-        halves, palette = _mark_one_class(halves, rng)
+    if binary:  # class 0 fills every scene, so both halves always share a class
+        (image_a, ids_a), (image_b, ids_b) = halves
+        ids_a, ids_b = mark_one_class(ids_a, ids_b, rng, skip_zero=True)
+        halves, palette = [(image_a, ids_a), (image_b, ids_b)], BINARY_PALETTE
     return pair_canvas(halves[0], halves[1], palette, grid, settings["mask_ratio"], rng)
-
-
-def _mark_one_class(halves: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator):
-    """The halves with one shared class as 1 and all else 0, and the black/white palette that paints them."""
-    shared = np.intersect1d(halves[0][1], halves[1][1])
-    marked = shared[shared > 0] if (shared > 0).any() else shared
-    cls = marked[int(rng.integers(len(marked)))]
-    return [(image, (ids == cls).astype(np.uint8)) for image, ids in halves], BINARY_PALETTE
 
 
 def training_sample(settings: dict, step: int, index: int, tile: tuple[int, int], grid: tuple[int, int]) -> dict:

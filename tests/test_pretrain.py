@@ -14,7 +14,7 @@ import torch
 
 from fewseg.checkpoints import load_base_model
 from fewseg.config import load_config, pretraining_settings
-from fewseg.data import query_half_patches
+from fewseg.data import mark_one_class, query_half_patches
 from fewseg.model import PRESETS, fingerprint
 from fewseg.palette import BINARY_PALETTE
 from fewseg.pretrain import (
@@ -109,6 +109,17 @@ def test_binary_episodes_mark_one_shared_class_white_on_black():
     for i in range(3):
         old = training_sample(without, 2, i, MICRO.tile_size, MICRO.grid_size)
         assert np.array_equal(old["image"], _sample(2, i, binary_prob=0.0)["image"])
+
+
+def test_marking_picks_a_shared_class_and_can_skip_the_filler():
+    a, b = np.array([[0, 1, 2], [0, 0, 3]]), np.array([[0, 2, 2], [4, 0, 0]])  # shared: 0 and 2
+    picked = {mark_one_class(a, b, np.random.default_rng(i))[0].tobytes() for i in range(20)}
+    assert picked == {(a == 0).astype(np.uint8).tobytes(), (a == 2).astype(np.uint8).tobytes()}
+    for i in range(5):  # base training's path may mark 0; pretraining's prefers a class other than the filler
+        ma, mb = mark_one_class(a, b, np.random.default_rng(i), skip_zero=True)
+        assert np.array_equal(ma, a == 2) and np.array_equal(mb, b == 2) and ma.dtype == np.uint8
+    assert mark_one_class(np.array([0, 0]), np.array([0, 1]), np.random.default_rng(0), skip_zero=True)[0].sum() == 2
+    assert mark_one_class(np.array([1]), np.array([2]), np.random.default_rng(0)) is None  # nothing shared
 
 
 def test_binary_validation_scores_the_marked_class_alone():
