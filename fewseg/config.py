@@ -497,13 +497,27 @@ def overlay_step_settings(config: dict, step: int) -> dict:
     order = config["overlay"]["order"]
     cls = order[int(step) - 1]
     flt = config["mapping"]["novel_filter"]
-    return {
+    check = config["overlay"]["background_check"][cls]
+    settings = {
         "cls": cls,
-        "background_check": config["overlay"]["background_check"][cls],
+        "background_check": check,
         "skip_nodata": config["overlay"]["skip_nodata"],
         "min_prompt_iou": config["overlay"]["min_prompt_iou"],
         "filter": flt["thresholds"][cls] if flt["enabled"] else None,
     }
+    if check == "auto":  # only then does the threshold concern this step
+        settings["min_background_share"] = config["overlay"]["min_background_share"]
+    return settings
+
+
+def background_settings(config: dict, cls: int) -> dict:
+    """Measuring a class's background share on its support tiles: the base inference settings, and the class."""
+    return {**base_inference_settings(config), "cls": int(cls)}
+
+
+def background_measured(config: dict) -> list[int]:
+    """Novel classes whose overlay step decides the background check from the support tiles ("auto")."""
+    return [c for c in config["overlay"]["order"] if config["overlay"]["background_check"][c] == "auto"]
 
 
 def evaluation_settings(config: dict) -> dict:
@@ -530,7 +544,7 @@ STAGE_ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "convert": ("convert_train_masks", "split_support"),
     "mapping": ("embed_tiles", "rank_prompts"),
     "train": ("train_base", "select_support_pair", "train_prompt"),
-    "infer": ("infer_base", "infer_novel"),
+    "infer": ("infer_base", "infer_novel", "measure_background"),
     "overlay": ("overlay_step",),
     "submission": ("make_submission", "evaluate", "compare_prompts", "job_statistics"),
 }

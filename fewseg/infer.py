@@ -36,6 +36,21 @@ def tile_boxes(size: int, grid: int) -> list[Box]:
     return [(edges[r], edges[c], edges[r + 1], edges[c + 1]) for r in range(grid) for c in range(grid)]
 
 
+def boxes_touching(region: np.ndarray, working_size: int, grid: int) -> list[bool]:
+    """Which tiles of the grid x grid cut (at the working size) cover any pixel of ``region`` (at the image's size).
+
+    A tile's extent is mapped back to the image with a pixel of margin, so that every region pixel that the final
+    nearest resize reads from a tile counts for it.
+    """
+    h, w = region.shape[:2]
+    touched = []
+    for y0, x0, y1, x1 in tile_boxes(working_size, grid):
+        ys = slice(max(0, y0 * h // working_size - 1), min(h, -(-y1 * h // working_size) + 1))
+        xs = slice(max(0, x0 * w // working_size - 1), min(w, -(-x1 * w // working_size) + 1))
+        touched.append(bool(region[ys, xs].any()))
+    return touched
+
+
 @dataclass(frozen=True)
 class SeamCrop:
     """A crop centred on a seam of the tiling, and which of its patches are re-predicted."""
@@ -213,25 +228,44 @@ def predict_tiled_many(
     device: torch.device,
     batch_size: int = 8,
     precision: str = "fp32",
+    regions: Sequence[np.ndarray] | None = None,
+    outside: int = 0,
 ) -> list[np.ndarray]:
     """:func:`predict_tiled` for several query images under the same prompts, their tiles (and then their seam
     crops) sharing forwards: a novel class's few tiles per query would otherwise fill a small part of each batch.
-    ``batch_size`` counts canvases per forward."""
+    ``batch_size`` counts canvases per forward.
+
+    ``regions`` (one boolean map per query, at its size; without seam repair only): predict just the tiles that
+    touch the region and give the others ``outside``. Each tile is predicted on its own, so the region's ids are
+    those of the whole prediction, at a fraction of its cost when the region is small.
+    """
     cfg = model.config
     h, w = cfg.tile_size
     patches = h // cfg.patch_size
     works = [resize_image(query, working_size) for query in queries]
     whole = np.ones((patches, w // cfg.patch_size), dtype=bool)
     boxes = tile_boxes(working_size, grid)
-    tiles = [resize_image(work[y0:y1, x0:x1], (h, w)) for work in works for y0, x0, y1, x1 in boxes]
-    predicted = predict_ensembled(
+    if regions is None:
+        wanted = [[True] * len(boxes) for _ in works]
+    elif seam_repair and grid > 1:
+        raise ValueError("predicting only a region's tiles leaves seam repair without its neighbours")
+    else:
+        wanted = [boxes_touching(region, working_size, grid) for region in regions]
+    tiles = [
+        resize_image(work[y0:y1, x0:x1], (h, w))
+        for work, keep in zip(works, wanted, strict=True)
+        for (y0, x0, y1, x1), k in zip(boxes, keep, strict=True)
+        if k
+    ]
+    predicted = iter(predict_ensembled(
         model, tiles, None, [whole] * len(tiles), prompts, batch_size=batch_size, device=device, precision=precision
-    )
+    ))  # fmt: skip
     ids_per_query = []
-    for i in range(len(works)):
-        ids = np.zeros((working_size, working_size), dtype=np.uint8)
-        for (y0, x0, y1, x1), tile_ids in zip(boxes, predicted[i * len(boxes) : (i + 1) * len(boxes)], strict=True):
-            ids[y0:y1, x0:x1] = resize_nearest(tile_ids, (y1 - y0, x1 - x0))
+    for keep in wanted:
+        ids = np.full((working_size, working_size), outside, dtype=np.uint8)
+        for (y0, x0, y1, x1), k in zip(boxes, keep, strict=True):
+            if k:
+                ids[y0:y1, x0:x1] = resize_nearest(next(predicted), (y1 - y0, x1 - x0))
         ids_per_query.append(ids)
     if seam_repair and grid > 1:
         ids_per_query = repair_seams(
@@ -322,13 +356,16 @@ def predict_base(
     device: torch.device,
     batch_size: int = 8,
     precision: str = "fp32",
+    region: np.ndarray | None = None,
+    outside: int = 0,
 ) -> np.ndarray:
-    """Base-class ids for one query image at its own size."""
+    """Base-class ids for one query image at its own size (or only where ``region`` is, see predict_tiled_many)."""
     ensemble = base_prompts(prompts, grid, model.config.tile_size, palette)
-    return predict_tiled(
-        model, query, ensemble, working_size=working_size, grid=grid, seam_repair=seam_repair, seam_band=seam_band,
-        device=device, batch_size=batch_size, precision=precision,
-    )  # fmt: skip
+    return predict_tiled_many(
+        model, [query], ensemble, working_size=working_size, grid=grid, seam_repair=seam_repair, seam_band=seam_band,
+        device=device, batch_size=batch_size, precision=precision, regions=None if region is None else [region],
+        outside=outside,
+    )[0]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

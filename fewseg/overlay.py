@@ -23,6 +23,30 @@ def filter_decision(similarity: float | None, thresholds: Sequence[float] | None
     return "normal"
 
 
+def background_share(base_ids: np.ndarray, class_mask: np.ndarray) -> tuple[int, int]:
+    """Pixels of a labelled class that the base prediction leaves at 0, and the class's pixels: (at 0, all)."""
+    if base_ids.shape != class_mask.shape:
+        raise ValueError(f"base prediction {base_ids.shape} and class mask {class_mask.shape} differ in size")
+    where = class_mask.astype(bool)
+    return int((base_ids[where] == 0).sum()), int(where.sum())
+
+
+def resolve_background_check(setting: bool | str, share: float | None, min_share: float) -> bool:
+    """The background check to apply: ``setting`` itself, or for "auto" whether ``share`` reaches ``min_share``.
+
+    The check assumes the base model calls a novel object 0, as base training taught it (novel pixels are labelled 0
+    in the train set); where it labels most of the class's support pixels as some base class, the check would throw
+    most of the class away, so "auto" drops it.
+    """
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"background check must be true, false or 'auto', got {setting!r}")
+    if share is None:
+        raise ValueError("background check 'auto' needs the base model's background share on the support tiles")
+    return share >= min_share
+
+
 def paste_class(
     current: np.ndarray,
     novel_mask: np.ndarray,

@@ -288,8 +288,6 @@ def _model_and_device(model_path: str, runtime: dict):
 
 
 def infer_base(input, output, params, progress=None) -> None:
-    from fewseg.data import resize_image, resize_nearest
-    from fewseg.infer import BasePrompt, predict_base
     from fewseg.palette import as_palette
 
     s = _param(params, "settings")
@@ -303,18 +301,82 @@ def infer_base(input, output, params, progress=None) -> None:
     with atomic_dir(output[0]) as tmp:
         for n, q in enumerate(queries, 1):
             image = read_image(q["image"])
-            prompts = []
-            for p in mapping[q["stem"]][: s["top_k"]]:
-                t = tiles[p["stem"]]
-                mask = resize_nearest(read_image(t["mask"]), s["working_size"])
-                prompts.append(BasePrompt(resize_image(read_image(t["image"]), s["working_size"]), mask))
-            ids = predict_base(
-                model, image, prompts, palette, working_size=s["working_size"], grid=s["grid"],
-                seam_repair=s["seam_repair"], seam_band=s["seam_band"], device=device, batch_size=s["batch_size"],
-                precision=s["runtime"]["precision"],
-            )  # fmt: skip
+            prompt_tiles = [tiles[p["stem"]] for p in mapping[q["stem"]][: s["top_k"]]]
+            ids = _predict_base_tile(model, image, prompt_tiles, palette, s, device)
             write_prediction(tmp, q, ids, image, show)
             log.info("base prediction %d/%d: %s", n, len(queries), q["stem"])
+
+
+def _predict_base_tile(
+    model, image: np.ndarray, prompt_tiles: list[dict], palette, s: dict, device, region: np.ndarray | None = None
+) -> np.ndarray:
+    """Base-class ids of one tile under the given train tiles as prompts, with the base inference settings ``s``
+    (only where ``region`` is, where it is given: 255 elsewhere)."""
+    from fewseg.data import resize_image, resize_nearest
+    from fewseg.infer import BasePrompt, predict_base
+
+    prompts = [
+        BasePrompt(resize_image(read_image(t["image"]), s["working_size"]),
+                   resize_nearest(read_image(t["mask"]), s["working_size"]))
+        for t in prompt_tiles
+    ]  # fmt: skip
+    return predict_base(
+        model, image, prompts, palette, working_size=s["working_size"], grid=s["grid"],
+        seam_repair=s["seam_repair"], seam_band=s["seam_band"], device=device, batch_size=s["batch_size"],
+        precision=s["runtime"]["precision"], region=region, outside=255,
+    )  # fmt: skip
+
+
+def measure_background(input, output, params, progress=None) -> None:
+    """How much of a novel class the base model leaves at 0 on the class's support tiles (overlay check "auto").
+
+    Each support tile is predicted exactly as a query is (its own top-k train tiles by embedding, the base inference
+    settings); the base model never trained on support tiles, so this is an honest preview of what the background
+    check will let through on the queries.
+    """
+    from fewseg.mapping import load_embeddings, rank_prompts
+    from fewseg.overlay import background_share
+    from fewseg.palette import as_palette
+
+    s = _param(params, "settings")
+    cls = s["cls"]
+    model, _, device = _model_and_device(input.model, s["runtime"])
+    palette = as_palette(s["palette"])
+    tiles = {t["stem"]: t for t in _train_tiles(input.train)}
+    train_stems, train_feats = load_embeddings(input.train_embeddings)
+    sup_stems, sup_feats = load_embeddings(input.support_embeddings)
+    support = _support_tiles(input.support, cls)
+    missing = [t["stem"] for t in support if t["stem"] not in sup_stems]
+    if missing:
+        raise InputError(input.support_embeddings, f"holds no embedding for support tiles {missing} of class {cls}")
+    if any(stem not in tiles for stem in train_stems):
+        raise InputError(input.train_embeddings, f"names train tiles that {input.train} does not hold")
+    feats = sup_feats[[sup_stems.index(t["stem"]) for t in support]]
+    order, _ = rank_prompts(feats, train_feats, s["top_k"])
+    per_tile, zero_total, pixels_total = [], 0, 0
+    base_counts = np.zeros(len(palette), np.int64)
+    # Only the tiles that hold the class are predicted (the same ids there, at a fraction of the cost); seam repair
+    # reads the neighbouring tiles, so with it every tile is.
+    whole = s["seam_repair"] and s["grid"] > 1
+    for n, (tile, ranked) in enumerate(zip(support, order, strict=True), 1):
+        mask = read_label(tile["label"]) > 0
+        ids = _predict_base_tile(model, read_image(tile["image"]), [tiles[train_stems[i]] for i in ranked], palette, s,
+                                 device, region=None if whole else mask)  # fmt: skip
+        if (ids[mask] == 255).any():
+            raise RuntimeError(f"{tile['stem']}: class {cls} pixels outside the predicted tiles")
+        zero, pixels = background_share(ids, mask)
+        base_counts += np.bincount(ids[mask], minlength=len(palette))[: len(palette)]
+        zero_total, pixels_total = zero_total + zero, pixels_total + pixels
+        per_tile.append({"stem": tile["stem"], "pixels": pixels, "at_zero": zero})
+        log.info("class %d support %d/%d %s: %d of %d px left at 0", cls, n, len(support), tile["stem"], zero, pixels)
+    if pixels_total == 0:
+        raise InputError(input.support, f"the support tiles of class {cls} hold no pixel of it")
+    share = zero_total / pixels_total
+    write_json(output[0], {
+        "cls": cls, "share": share, "pixels": pixels_total, "at_zero": zero_total,
+        "base_labels": {str(c): int(n) for c, n in enumerate(base_counts) if n}, "tiles": per_tile,
+    })  # fmt: skip
+    log.info("class %d: the base model leaves %.3f of its %d support pixels at 0", cls, share, pixels_total)
 
 
 def infer_novel(input, output, params, progress=None) -> None:
@@ -347,13 +409,23 @@ def infer_novel(input, output, params, progress=None) -> None:
 
 
 def overlay_step(input, output, params, progress=None) -> None:
-    from fewseg.overlay import filter_decision, paste_class
+    from fewseg.overlay import filter_decision, paste_class, resolve_background_check
 
     s = _param(params, "settings")
     cls = s["cls"]
     mapping = read_json(input.mapping)
     queries = _queries(input.queries)
     show = preview_palette(_param(params, "palette"), _param(params, "novel"))
+    check = s["background_check"]
+    if check == "auto":
+        measured = read_json(input.background)
+        if measured.get("cls") != cls:
+            raise InputError(input.background, f"holds the background share of class {measured.get('cls')}, not {cls}")
+        check = resolve_background_check("auto", measured["share"], s["min_background_share"])
+        log.info(
+            "class %d: the base model leaves %.3f of its support pixels at 0 (overlay/min_background_share %.2f): "
+            "background check %s", cls, measured["share"], s["min_background_share"], "on" if check else "off",
+        )  # fmt: skip
     held_out = read_json(Path(input.novel) / "prompt.json").get("best_held_out_iou")
     gate = held_out is not None and held_out < s["min_prompt_iou"]
     if gate:
@@ -363,6 +435,7 @@ def overlay_step(input, output, params, progress=None) -> None:
             cls, held_out, s["min_prompt_iou"],
         )  # fmt: skip
     with atomic_dir(output[0]) as tmp:
+        write_json(tmp / "overlay.json", {"cls": cls, "background_check": check, "pasted": not gate})
         for q in queries:
             stem = q["stem"]
             current = read_label(Path(input.previous) / f"{stem}.png")
@@ -371,7 +444,7 @@ def overlay_step(input, output, params, progress=None) -> None:
             sim = mapping["novel_similarity"].get(stem, {}).get(str(cls))
             decision = "skip" if gate else filter_decision(sim, s["filter"])
             out = paste_class(
-                current, novel, cls, image=image, background_check=s["background_check"],
+                current, novel, cls, image=image, background_check=check,
                 skip_nodata=s["skip_nodata"], decision=decision,
             )  # fmt: skip
             write_prediction(tmp, q, out, image, show)

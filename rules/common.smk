@@ -104,6 +104,14 @@ def overlay_novel(wildcards):
     return f"results/predictions/novel_{ORDER[int(wildcards.step) - 1]}"
 
 
+def overlay_background(wildcards):
+    """The class's measured background share, where its background check is "auto"."""
+    cls = ORDER[int(wildcards.step) - 1]
+    if cls in fc.background_measured(CFG):
+        return {"background": f"results/validation/background_{cls}.json"}
+    return {}
+
+
 def pretrained_weights():
     """The weights base training starts from, as an input: replacing the file reruns the training."""
     return [CFG["model"]["weights"]] if CFG["model"]["weights"] else []
@@ -156,6 +164,8 @@ def benchmark_files():
             files.append(f"results/benchmarks/select_support_pair_{cls}.tsv")
         if evaluated:
             files.append(f"results/benchmarks/infer_novel_pair_{cls}.tsv")
+        if cls in fc.background_measured(CFG):
+            files.append(f"results/benchmarks/measure_background_{cls}.tsv")
     return files
 
 

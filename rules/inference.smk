@@ -84,8 +84,37 @@ rule infer_novel_pair:
         "../workflow_scripts/infer_novel.py"
 
 
+rule measure_background:
+    # for overlay/background_check "auto": how much of the class the base model leaves at 0 on its support tiles
+    input:
+        model="results/models/base.pt",
+        train="results/converted/train",
+        train_embeddings="results/mapping/embeddings_train.npz",
+        support_embeddings="results/mapping/embeddings_support.npz",
+        support="results/converted/split",
+        valid=validated(),
+    output:
+        "results/validation/background_{cls}.json",
+    log:
+        "results/logs/measure_background_{cls}.log",
+    benchmark:
+        "results/benchmarks/measure_background_{cls}.tsv"
+    conda:
+        "../envs/fewseg.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        settings=lambda wc: fc.background_settings(CFG, int(wc.cls)),
+        code=CODE["infer"],
+    script:
+        "../workflow_scripts/measure_background.py"
+
+
 rule overlay_step:
     input:
+        unpack(overlay_background),
         previous=overlay_previous,
         novel=overlay_novel,
         mapping="results/mapping/prompts.json",

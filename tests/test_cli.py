@@ -195,6 +195,8 @@ def test_check_config_good(tmp_path, capsys):
         ("model: {weights: no/such/file.pth}\n", "model/weights: file 'no/such/file.pth' does not exist"),
         ("seed: 1\nseed: 2\n", "duplicate key 'seed'"),
         ("- a list\n", "must hold a mapping"),
+        ("overlay: {background_check: {10: sometimes}}\n", "overlay/background_check/10"),
+        ("overlay: {min_background_share: 1.5}\n", "overlay/min_background_share"),
     ],
 )
 def test_check_config_bad(tmp_path, capsys, text, message):

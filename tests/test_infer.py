@@ -9,6 +9,7 @@ from fewseg.infer import (
     BasePrompt,
     Prompts,
     band_mask,
+    boxes_touching,
     canvas_mask,
     predict_base,
     predict_ensembled,
@@ -126,6 +127,31 @@ def test_batched_base_inference_equals_one_query_tile_per_forward():
         many = predict_base(model, query, prompts, palette, seam_repair=seam, batch_size=64, **kwargs)
         assert np.array_equal(one, many)
     assert len(np.unique(many)) > 1  # a prediction with structure, not a constant
+
+
+def test_boxes_touching_a_region_include_every_tile_it_reaches():
+    region = np.zeros((100, 100), bool)
+    region[10, 10] = True  # top-left tile of a 2x2 cut
+    assert boxes_touching(region, 64, 2) == [True, False, False, False]
+    region[:] = False
+    region[50, 80] = True  # on the seam between the right-hand tiles, as the nearest resize may read it
+    assert boxes_touching(region, 64, 2) == [False, True, False, True]
+    assert boxes_touching(np.zeros((100, 100), bool), 64, 2) == [False] * 4
+
+
+def test_predicting_a_region_gives_the_whole_prediction_there_and_costs_its_tiles():
+    model = _micro()
+    query, prompts, palette = _base_case(4)
+    region = np.zeros((96, 96), bool)
+    region[5:20, 70:90] = True  # inside the top-right tile of a 3x3 cut
+    region[70, 40] = True  # and one pixel of the bottom-middle tile
+    kwargs = dict(working_size=96, grid=3, seam_band=1, device=torch.device("cpu"), batch_size=64)
+    whole = predict_base(model, query, prompts, palette, seam_repair=False, **kwargs)
+    part = predict_base(model, query, prompts, palette, seam_repair=False, region=region, outside=255, **kwargs)
+    assert np.array_equal(part[region], whole[region])
+    assert (part == 255).mean() == pytest.approx(7 / 9)  # two of the nine tiles predicted
+    with pytest.raises(ValueError, match="seam repair"):
+        predict_base(model, query, prompts, palette, seam_repair=True, region=region, **kwargs)
 
 
 def test_seam_repair_changes_only_the_bands():

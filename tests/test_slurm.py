@@ -74,6 +74,7 @@ WORKFLOW_REMOTE_RULES = {
     "infer_novel",
     "select_support_pair",
     "infer_novel_pair",
+    "measure_background",
 }
 
 SQUEUE_FIELDS = {

@@ -10,7 +10,7 @@ from fewseg.checkpoints import load_prompt, save_prompt
 from fewseg.data import LazyPermutation, num_pairs, pair_at, query_half_patches, random_patches
 from fewseg.io import InputError, write_png
 from fewseg.metrics import ConfusionMatrix, summarize
-from fewseg.overlay import filter_decision, paste_class
+from fewseg.overlay import background_share, filter_decision, paste_class, resolve_background_check
 from fewseg.palette import (
     as_palette,
     decode_canvas,
@@ -114,6 +114,29 @@ def test_paste_with_background_check_only_fills_zero():
     assert out.tolist() == [[9, 3], [0, 9]]
     out = paste_class(current, mask, 8, background_check=False, skip_nodata=False)
     assert out.tolist() == [[8, 8], [0, 8]]
+
+
+def test_background_share_counts_the_class_pixels_left_at_zero():
+    base = np.array([[0, 2, 0], [3, 0, 0]], dtype=np.uint8)
+    support = np.array([[1, 1, 0], [1, 1, 0]], dtype=np.uint8)
+    assert background_share(base, support) == (2, 4)
+    with pytest.raises(ValueError, match="differ in size"):
+        background_share(base, support[:, :2])
+
+
+@pytest.mark.parametrize(
+    ("setting", "share", "expected"),
+    [(True, None, True), (False, 0.9, False), ("auto", 0.5, True), ("auto", 0.49, False), ("auto", 1.0, True)],
+)
+def test_auto_background_check_follows_the_measured_share(setting, share, expected):
+    assert resolve_background_check(setting, share, 0.5) is expected
+
+
+def test_auto_background_check_without_a_measurement_is_an_error():
+    with pytest.raises(ValueError, match="needs the base model"):
+        resolve_background_check("auto", None, 0.5)
+    with pytest.raises(ValueError, match="true, false or 'auto'"):
+        resolve_background_check("sometimes", 0.7, 0.5)
 
 
 def test_paste_skips_pure_black_pixels():
@@ -259,6 +282,7 @@ def test_oem_config_passes_the_checks_over_the_defaults_and_on_its_own():
         assert config["inference"]["novel"][11] == {"grid": 2, "seam_repair": True}
         assert config["inference"]["working_size"] == 1024 and config["inference"]["novel"][8]["grid"] == 8
         assert config["overlay"]["min_prompt_iou"] == 0.0
+        assert config["overlay"]["background_check"] == {8: False, 9: True, 10: True, 11: True}  # no demo "auto"
     # complete on its own (the optional pretraining section aside: real data starts from BAAI's pretrained weights)
     checked_merged, checked_oem = check_config(merged, check_paths=False), check_config(oem, check_paths=False)
     assert "pretraining" not in checked_oem

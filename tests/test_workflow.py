@@ -25,6 +25,7 @@ STAGES = {
     "make_demo_dataset", "convert_train_masks", "split_support", "embed_tiles", "rank_prompts", "train_base",
     "select_support_pair", "train_prompt_phase1", "train_prompt_phase2", "infer_base", "infer_novel",
     "infer_novel_pair", "overlay_step", "make_submission", "evaluate", "compare_prompts", "job_statistics",
+    "measure_background",
 }  # fmt: skip
 
 
@@ -44,6 +45,7 @@ def test_dry_run_lists_every_stage(tmp_path):
     assert jobs["train_prompt_phase1"] == jobs["train_prompt_phase2"] == jobs["infer_novel"] == 4
     assert jobs["select_support_pair"] == jobs["infer_novel_pair"] == 4
     assert jobs["overlay_step"] == 4 and jobs["embed_tiles"] == 3
+    assert jobs["measure_background"] == 1  # the test config decides class 10's background check from its support
 
 
 @pytest.mark.parametrize(
