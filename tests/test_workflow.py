@@ -114,6 +114,24 @@ def test_ablation_compares_each_learned_prompt_with_its_support_pair(run):
     assert len(table) == 1 + len(config["classes"]["novel"])
 
 
+def test_auto_background_check_follows_the_share_measured_on_the_support_tiles(run):
+    """The test config sets class 10 (third in the overlay order) to "auto"; the others are fixed."""
+    workdir, config, _ = run
+    assert config["overlay"]["background_check"][10] == "auto"
+    measured = json.loads((workdir / "results/validation/background_10.json").read_text())
+    support = json.loads((workdir / "results/converted/split/support.json").read_text())["10"]
+    assert measured["cls"] == 10 and [t["stem"] for t in measured["tiles"]] == support
+    assert measured["pixels"] == sum(t["pixels"] for t in measured["tiles"]) > 0
+    assert measured["at_zero"] == sum(t["at_zero"] for t in measured["tiles"]) == measured["base_labels"].get("0", 0)
+    assert measured["share"] == pytest.approx(measured["at_zero"] / measured["pixels"])
+    step = json.loads((workdir / "results/predictions/overlay_3/overlay.json").read_text())
+    assert step["cls"] == 10
+    assert step["background_check"] is (measured["share"] >= config["overlay"]["min_background_share"])
+    fixed = json.loads((workdir / "results/predictions/overlay_4/overlay.json").read_text())
+    assert fixed == {"cls": 8, "background_check": False, "pasted": fixed["pasted"]}
+    assert not (workdir / "results/validation/background_8.json").exists()  # measured only where asked
+
+
 def test_predictions_carry_geotiffs_and_previews(run):
     import rasterio
 
@@ -174,6 +192,14 @@ def test_overlay_order_reruns_only_overlay_zip_and_evaluation(run, tmp_path):
     jobs = planned_jobs(workdir, write_config(tmp_path / "test-config-c.yaml", changed))
     assert set(jobs) == {"overlay_step", "make_submission", "evaluate", "all"}  # job statistics stay as they are
     assert jobs["overlay_step"] == 2  # steps 3 and 4 changed class; steps 1 and 2 did not
+
+
+def test_background_share_threshold_reruns_only_the_auto_step_and_after(run, tmp_path):
+    workdir, config, _ = run
+    changed = modified(config, {"overlay.min_background_share": 0.9})
+    jobs = planned_jobs(workdir, write_config(tmp_path / "test-config-share.yaml", changed))
+    assert set(jobs) == {"overlay_step", "make_submission", "evaluate", "all"}  # the measurement stands
+    assert jobs["overlay_step"] == 2  # step 3 (class 10, auto) and step 4 after it
 
 
 def test_base_training_setting_reruns_training_and_downstream_only(run, tmp_path):
