@@ -132,6 +132,27 @@ def test_auto_background_check_follows_the_share_measured_on_the_support_tiles(r
     assert not (workdir / "results/validation/background_8.json").exists()  # measured only where asked
 
 
+def test_background_measurement_refuses_embeddings_without_its_support_tiles(run, tmp_path):
+    from types import SimpleNamespace
+
+    from fewseg.config import background_settings, check_config
+    from fewseg.io import InputError
+    from fewseg.stages import measure_background
+
+    workdir, config, _ = run
+    r = workdir / "results"
+    inputs = SimpleNamespace(
+        model=str(r / "models/base.pt"), train=str(r / "converted/train"), support=str(r / "converted/split"),
+        train_embeddings=str(r / "mapping/embeddings_train.npz"),
+        support_embeddings=str(r / "mapping/embeddings_query.npz"),  # the wrong tile set
+    )  # fmt: skip
+    out = tmp_path / "background_10.json"
+    params = {"settings": background_settings(check_config(config, check_paths=False), 10)}
+    with pytest.raises(InputError, match="embeddings_query.npz.*no embedding for support tiles"):
+        measure_background(inputs, [str(out)], params)
+    assert not out.exists()
+
+
 def test_predictions_carry_geotiffs_and_previews(run):
     import rasterio
 
