@@ -441,6 +441,14 @@ def prompt_settings(config: dict, cls: int) -> dict:
     }
 
 
+def phase_settings(config: dict, cls: int, phase: int) -> dict:
+    """The slice of :func:`prompt_settings` that one phase's job reads: the other phase's steps and rate left out,
+    so that changing phase 2 does not rerun phase 1 (nor the reverse)."""
+    s = prompt_settings(config, cls)
+    other = "phase2" if int(phase) == 1 else "phase1"
+    return {**s, "training": {k: v for k, v in s["training"].items() if k != other}}
+
+
 # What choosing a class's support pair reads (fewseg.train.PairSettings): its crops' largest size, the held-out
 # split and the candidates; not the strides, steps or learning rates of prompt training.
 PAIR_KEYS = ("working_size", "crop_size", "max_crop_size", "holdout", "pair_candidates")

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from fewseg.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from fewseg.model_config import PRESETS, SegGPTConfig
 
 __all__ = [

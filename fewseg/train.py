@@ -586,8 +586,8 @@ class PromptTrainingSettings:
     device: str
     precision: str
     batch_size: int
-    phase1: PhaseSettings
-    phase2: PhaseSettings
+    phase1: PhaseSettings | None  # None: the slice of one phase's job, which never reads the other phase
+    phase2: PhaseSettings | None
     cycle_steps: int
     peak_decay: float
     weight_decay: float
@@ -616,9 +616,13 @@ class PromptTrainingSettings:
                 "seed": settings["seed"],
                 "device": settings["runtime"]["device"],
                 "precision": settings["runtime"]["precision"],
-                "phase1": PhaseSettings(t["phase1"]["steps"], t["phase1"]["lr"]),
-                "phase2": PhaseSettings(t["phase2"]["steps"], t["phase2"]["lr"]),
+                **{
+                    phase: PhaseSettings(t[phase]["steps"], t[phase]["lr"]) if phase in t else None
+                    for phase in ("phase1", "phase2")
+                },
             }
+            if given["phase1"] is None and given["phase2"] is None:
+                raise KeyError("phase1")
             return cls(**given, **_training_fields(cls, t, given), source=settings)
         except KeyError as err:
             raise _missing_setting("prompt-training", err) from None
@@ -626,7 +630,10 @@ class PromptTrainingSettings:
     def phase(self, phase: int) -> PhaseSettings:
         if phase not in (1, 2):
             raise ValueError(f"prompt training has phases 1 and 2, not {phase}")
-        return self.phase1 if phase == 1 else self.phase2
+        chosen = self.phase1 if phase == 1 else self.phase2
+        if chosen is None:
+            raise ValueError(f"these prompt-training settings hold no phase {phase} (a slice for the other phase)")
+        return chosen
 
     def phase_seed(self, phase: int) -> int:
         """Every class and phase draws from its own streams."""

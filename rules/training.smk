@@ -79,7 +79,7 @@ rule train_prompt_phase1:
         mem_mb=8000,
         runtime=240,
     params:
-        settings=lambda wc: fc.prompt_settings(CFG, int(wc.cls)),
+        settings=lambda wc: fc.phase_settings(CFG, int(wc.cls), 1),
         phase=1,
         checkpoint_dir="results/checkpoints/prompt_{cls}",
         code=CODE["train"],
@@ -107,7 +107,7 @@ rule train_prompt_phase2:
         mem_mb=8000,
         runtime=240,
     params:
-        settings=lambda wc: fc.prompt_settings(CFG, int(wc.cls)),
+        settings=lambda wc: fc.phase_settings(CFG, int(wc.cls), 2),
         phase=2,
         checkpoint_dir="results/checkpoints/prompt_{cls}",
         code=CODE["train"],

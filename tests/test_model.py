@@ -443,3 +443,44 @@ def test_bf16_patch_embedding_is_the_convolution_as_one_product():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         embed(x).float().sum().backward()
     assert embed.proj.weight.grad is not None and embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_own_layers_match_timms_draws_names_and_numbers():
+    """fewseg.layers stands in for timm.layers (whose import pulls in torchvision): same weights from a seed, same
+    parameter names, same outputs and the same stochastic-depth draws."""
+    import timm.layers
+
+    from fewseg import layers
+
+    ours, theirs = torch.empty(4096), torch.empty(4096)
+    torch.manual_seed(0)
+    layers.trunc_normal_(ours, std=0.02)
+    torch.manual_seed(0)
+    timm.layers.trunc_normal_(theirs, std=0.02)
+    assert torch.equal(ours, theirs) and 0.015 < float(ours.std()) < 0.025
+    torch.manual_seed(1)
+    mlp = layers.Mlp(16, 64)
+    torch.manual_seed(1)
+    ref = timm.layers.Mlp(in_features=16, hidden_features=64, act_layer=torch.nn.GELU)
+    assert mlp.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(mlp.state_dict()[k], ref.state_dict()[k]) for k in ref.state_dict())
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(mlp(x), ref(x))
+    maps = torch.randn(2, 8, 6, 6)
+    assert torch.equal(layers.LayerNorm2d(8, eps=1e-6)(maps), timm.layers.LayerNorm2d(8, eps=1e-6)(maps))
+    drop, ref_drop = layers.DropPath(0.3).train(), timm.layers.DropPath(0.3).train()
+    torch.manual_seed(2)
+    dropped = drop(maps)
+    torch.manual_seed(2)
+    assert torch.equal(dropped, ref_drop(maps)) and not torch.equal(dropped, maps)
+    assert torch.equal(drop.eval()(maps), maps)
+
+
+def test_loading_the_model_does_not_import_torchvision():
+    """Every workflow job that loads the model would pay torchvision's import (about 2 s on 2 cores)."""
+    import subprocess
+    import sys
+
+    code = "import sys, fewseg.infer, fewseg.train; print('torchvision' in sys.modules, 'timm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -9,7 +9,7 @@ import torch
 
 import fewseg.train
 from fewseg.checkpoints import load_base_model, load_prompt, save_base_model
-from fewseg.config import base_training_settings, load_config, prompt_settings
+from fewseg.config import base_training_settings, load_config, phase_settings, prompt_settings
 from fewseg.model import build_model, fingerprint
 from fewseg.train import BaseTrainingSettings, PromptTrainingSettings, train_base, train_prompt
 
@@ -51,6 +51,12 @@ def test_settings_are_typed_and_frozen(config):
     assert prompt.phase(1).steps == 4 and prompt.phase(2).lr == config["prompt_training"]["phase2"]["lr"]
     with pytest.raises(FrozenInstanceError):
         base.steps = 5
+    # each phase's job reads only its own phase: asking it for the other one is a bug, not a silent default
+    first = PromptTrainingSettings.from_slice(phase_settings(config, 9, 1))
+    assert first.phase(1) == prompt.phase(1) and "phase2" not in phase_settings(config, 9, 1)["training"]
+    with pytest.raises(ValueError, match="no phase 2"):
+        first.phase(2)
+    assert PromptTrainingSettings.from_slice(phase_settings(config, 9, 2)).phase(2) == prompt.phase(2)
     broken = base_training_settings(config)
     broken["training"] = {k: v for k, v in broken["training"].items() if k != "val_pairs"}
     with pytest.raises(ValueError, match="lack 'val_pairs'"):

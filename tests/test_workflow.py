@@ -215,6 +215,16 @@ def test_overlay_order_reruns_only_overlay_zip_and_evaluation(run, tmp_path):
     assert jobs["overlay_step"] == 2  # steps 3 and 4 changed class; steps 1 and 2 did not
 
 
+def test_second_phase_setting_reruns_that_phase_and_not_the_first(run, tmp_path):
+    workdir, config, _ = run
+    changed = modified(config, {"prompt_training.classes.10.phase2": {"steps": 7, "lr": 1.0e-4}})
+    jobs = planned_jobs(workdir, write_config(tmp_path / "test-config-phase2.yaml", changed))
+    assert jobs == {
+        "train_prompt_phase2": 1, "infer_novel": 1, "overlay_step": 2, "make_submission": 1, "evaluate": 1,
+        "compare_prompts": 1, "job_statistics": 1, "all": 1,
+    }  # fmt: skip
+
+
 def test_background_share_threshold_reruns_only_the_auto_step_and_after(run, tmp_path):
     workdir, config, _ = run
     changed = modified(config, {"overlay.min_background_share": 0.9})
