@@ -154,16 +154,16 @@ def predict_canvases(
     device: torch.device,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """Query halves (B, 3, h, w) predicted for normalised canvases (B, 3, 2h, w).
+    """Query halves (B / ensemble, 3, h, w), one per query, predicted for normalised canvases (B, 3, 2h, w).
 
     ``mask`` is (num_patches,) or (B, num_patches); ``ensemble`` is the number of consecutive canvases that share
-    one query image and are feature-ensembled (0 or 1: none).
+    one query half (image, label half and mask) and are feature-ensembled (0 or 1: none).
     """
     m = torch.from_numpy(np.atleast_2d(mask)).to(device)
     with autocast(device, precision):
         return model(
             images.to(device), labels.to(device), m, feature_ensemble=ensemble if ensemble > 1 else False,
-            query_only=True,
+            query_only=True, shared_query=True,
         ).float()  # fmt: skip
 
 
@@ -205,7 +205,7 @@ def predict_ensembled(
         labels = torch.cat([prompts.labels.repeat(n, 1, 1, 1), lower.repeat_interleave(k, dim=0)], dim=2)
         mask = np.stack([canvas_mask(masks[i]) for i in idx for _ in range(k)])
         pred = predict_canvases(model, images, labels, mask, ensemble=k, device=device, precision=precision)
-        out.extend(decode_canvas(pred[::k], prompts.palette))  # every canvas of a group holds the same query half
+        out.extend(decode_canvas(pred, prompts.palette))
     return out
 
 

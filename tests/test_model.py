@@ -329,6 +329,29 @@ def test_grouped_ensemble_equals_separate_forwards(micro):
         micro(images[:5], labels[:5], mask, feature_ensemble=k)
 
 
+def test_shared_query_decodes_each_group_once_with_the_same_pixels(micro):
+    """Inference's groups share one query half: decoding it once per group changes the cost, not the pixels."""
+    cfg = micro.config
+    h = cfg.tile_size[0]
+    k, queries = 3, 2
+    images, labels = _canvases(cfg, k * queries, seed=7)
+    for g in range(queries):
+        images[g * k : (g + 1) * k, :, h:] = images[g * k, :, h:]
+        labels[g * k : (g + 1) * k, :, h:] = labels[g * k, :, h:]
+    mask = query_half_mask(cfg)
+    with torch.no_grad():
+        every = micro(images, labels, mask, feature_ensemble=k, query_only=True)
+        shared = micro(images, labels, mask, feature_ensemble=k, query_only=True, shared_query=True)
+        one_group = micro(images[:k], labels[:k], mask, feature_ensemble=True, query_only=True, shared_query=True)
+    assert shared.shape == (queries, 3, h, cfg.tile_size[1])
+    assert torch.allclose(shared, every[::k], atol=1e-5)
+    assert torch.allclose(one_group, every[:1], atol=1e-5)
+    # Below the context row every item of a group holds these pixels, so no item's query half is lost.
+    assert torch.allclose(every[:k, :, 1:], shared[:1, :, 1:].expand(k, -1, -1, -1), atol=1e-5)
+    with pytest.raises(ValueError, match="needs query_only"):
+        micro(images, labels, mask, feature_ensemble=k, shared_query=True)
+
+
 def test_blocked_attention_mlp_and_query_decode_are_exact(micro, monkeypatch):
     """Row-blocked attention, token-blocked MLP and query-only decoding change cost, not results."""
     from fewseg import model as model_module
