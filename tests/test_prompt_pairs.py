@@ -98,6 +98,37 @@ def test_the_choice_is_scored_on_the_other_fitting_tiles_only(monkeypatch):
     assert torch.equal(prompt.prompt_image, expected.prompt_image)
 
 
+def test_the_prompt_predicts_the_query_half_with_the_whole_canvas_loss_and_gradient():
+    """Decoding only the query half is what the loss and inference read: the same pixels, loss and gradient."""
+    from fewseg.data import query_half_patches
+    from fewseg.prompt import LearnablePrompt
+
+    torch.manual_seed(0)
+    model = build_model("micro").requires_grad_(False)
+    h, w = model.config.tile_size
+    g = torch.Generator().manual_seed(3)
+    query, target = torch.randn(2, 3, h, w, generator=g), torch.randn(2, 3, h, w, generator=g)
+    grads = []
+    for half in (True, False):
+        prompt = LearnablePrompt((h, w), init_std=0.5, generator=torch.Generator().manual_seed(1))
+        images, labels = prompt.canvases(query, target)
+        mask = torch.from_numpy(query_half_patches(model.config.grid_size))[None]
+        if half:
+            pred = prompt(model, query)
+            loss = model.loss(pred, target, torch.ones(1, mask.sum(), dtype=torch.bool))
+        else:
+            pred = model(images, labels, mask)
+            loss = model.loss(pred, labels.detach(), mask)
+        loss.backward()
+        grads.append((pred.detach(), float(loss), prompt.prompt_image.grad, prompt.prompt_label.grad))
+    (half_pred, half_loss, *half_grads), (full_pred, full_loss, *full_grads) = grads
+    assert half_pred.shape == query.shape
+    assert torch.allclose(half_pred, full_pred[:, :, h:], atol=1e-5)
+    assert half_loss == pytest.approx(full_loss, rel=1e-5)
+    for a, b in zip(half_grads, full_grads, strict=True):
+        assert b.abs().sum() > 0 and torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_support_iou_counts_the_class_over_the_crops():
     model = build_model("micro").train()
     image = np.zeros((64, 64, 3), np.uint8)

@@ -133,3 +133,24 @@ def test_support_crops_are_resized_as_inference_resizes_queries(config, tiles):
         assert any(
             np.array_equal(got_image, want_image[f]) and np.array_equal(got_mask, want_mask[f]) for f in flips
         ), k
+
+
+def test_base_validation_does_not_depend_on_how_many_pairs_share_a_forward(config, tiles):
+    """Held-out pairs are validated a training batch at a time (query half only): the figure equals one at a time."""
+    from fewseg.data import TileStore
+    from fewseg.palette import as_palette
+    from fewseg.train import validate_base, validation_pairs
+
+    torch.manual_seed(0)
+    model = build_model("micro").train()
+    s = BaseTrainingSettings.from_slice(base_training_settings(config))
+    store = TileStore(tiles, s.working_size, as_palette(s.palette), 8)
+    pairs = validation_pairs(len(tiles), 5, s.seed)  # batches of 2: two full and one short
+    figures = [
+        validate_base(model, store, pairs, dataclasses.replace(s, batch_size=size), torch.device("cpu"))
+        for size in (1, 2, 8)
+    ]
+    assert figures[0] is not None and 0.0 <= figures[0] <= 1.0
+    assert figures == pytest.approx([figures[0]] * 3, abs=1e-9)
+    assert model.training  # handed back in the mode it came in
+    assert validate_base(model, store, [], s, torch.device("cpu")) is None
