@@ -24,6 +24,13 @@ CFG = fc.check_config(
 
 ORDER = CFG["overlay"]["order"]
 
+# Threads of the many small jobs (one per novel class or tile set: support pairs, prompt phases, novel inference,
+# background measurement, embeddings). Each spends seconds on one core (start-up, reading tiles, resizing, decoding),
+# so two one-thread jobs side by side finish sooner than the same jobs one after another on two threads: on 2 cores
+# the demo's jobs after base training took 336 s instead of 430 s, with the same submission. On a bigger machine
+# more classes run at once; raise it with --set-threads RULE=N (profiles/slurm has an example).
+CLASS_JOB_THREADS = 1
+
 
 onstart:
     # one run per working directory; see fewseg/runlock.py and profiles/default

@@ -47,7 +47,7 @@ rule infer_novel:
         "results/benchmarks/infer_novel_{cls}.tsv"
     conda:
         "../envs/fewseg.yaml"
-    threads: 2
+    threads: CLASS_JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=120,
@@ -73,7 +73,7 @@ rule infer_novel_pair:
         "results/benchmarks/infer_novel_pair_{cls}.tsv"
     conda:
         "../envs/fewseg.yaml"
-    threads: 2
+    threads: CLASS_JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=120,
@@ -101,7 +101,7 @@ rule measure_background:
         "results/benchmarks/measure_background_{cls}.tsv"
     conda:
         "../envs/fewseg.yaml"
-    threads: 2
+    threads: CLASS_JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=60,

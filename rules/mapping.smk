@@ -17,7 +17,7 @@ rule embed_tiles:
         "results/benchmarks/embed_tiles_{subset}.tsv"
     conda:
         "../envs/fewseg.yaml"
-    threads: 2
+    threads: CLASS_JOB_THREADS
     resources:
         mem_mb=4000,
         runtime=60,

@@ -48,7 +48,7 @@ rule select_support_pair:
         "results/benchmarks/select_support_pair_{cls}.tsv"
     conda:
         "../envs/fewseg.yaml"
-    threads: 2
+    threads: CLASS_JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=60,
@@ -74,7 +74,7 @@ rule train_prompt_phase1:
         "results/benchmarks/train_prompt_phase1_{cls}.tsv"
     conda:
         "../envs/fewseg.yaml"
-    threads: 2
+    threads: CLASS_JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=240,
@@ -102,7 +102,7 @@ rule train_prompt_phase2:
         "results/benchmarks/train_prompt_phase2_{cls}.tsv"
     conda:
         "../envs/fewseg.yaml"
-    threads: 2
+    threads: CLASS_JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=240,

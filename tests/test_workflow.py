@@ -2,6 +2,7 @@
 config change invalidates."""
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -67,6 +68,27 @@ def test_dry_run_of_the_submission_as_a_user_types_it(tmp_path, args):
     if not any(a in ("-q", "-nq") for a in args):  # quiet runs print no job list
         assert "make_submission" in r.stdout + r.stderr
     assert not (tmp_path / "results").exists()  # a dry run writes no output
+
+
+def test_the_small_jobs_take_one_core_each_so_two_run_side_by_side(tmp_path):
+    """On 2 cores, base training takes both; the per-class and per-tile-set jobs one each (rules/common.smk)."""
+    for name in ("Snakefile", "rules", "workflow_scripts", "config.yaml", "profiles", "resources"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    threads: dict[str, set[int]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", r.stdout):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        if rule:
+            found = re.search(r"^\s+threads: (\d+)$", block, re.M)
+            threads.setdefault(rule.group(1), set()).add(int(found.group(1)) if found else 1)
+    small = ("embed_tiles", "select_support_pair", "train_prompt_phase1", "train_prompt_phase2", "infer_novel",
+             "infer_novel_pair", "measure_background")  # fmt: skip
+    assert all(threads[name] == {1} for name in small), threads
+    assert threads["train_base"] == {2} and threads["infer_base"] == {2}
 
 
 def test_submission_zip_is_what_the_challenge_wants(run):
