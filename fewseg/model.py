@@ -347,14 +347,26 @@ class Block(nn.Module):
 
     mlp_block_bytes = 16 * 2**20
 
-    def forward(self, x: Tensor, ensemble: EnsembleSpec | None = None) -> Tensor:
+    def forward(self, x: Tensor, ensemble: EnsembleSpec | None = None, shared_query: bool = False) -> Tensor:
+        """shared_query (inference, with ``ensemble``): every item of a group enters with the same query half, so
+        after the averaged attention it is still the same and the MLP runs on the group's first copy only."""
         a = self.attn(self.norm1(x))
         if ensemble is not None:
             a = _ensemble_query_half(a, ensemble)
         x = x + self.drop_path(a)
         if torch.is_grad_enabled() or self.training:
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        # Inference: the MLP in blocks of tokens, added in place, so its wide hidden layer never exists whole.
+        k = ensemble[1] if ensemble is not None and shared_query else 1
+        if k == 1:
+            return self._add_mlp(x)
+        half = x.shape[1] // 2
+        x[:, :half] = self._add_mlp(x[:, :half].contiguous())
+        first = self._add_mlp(x[::k, half:].contiguous())  # (groups, rows, cols, C)
+        x.view(-1, k, *x.shape[1:])[:, :, half:] = first.unsqueeze(1)
+        return x
+
+    def _add_mlp(self, x: Tensor) -> Tensor:
+        """x + MLP(norm2(x)) in place, in blocks of tokens, so the MLP's wide hidden layer never exists whole."""
         flat = x.view(-1, x.shape[-1])
         rows = max(1, self.mlp_block_bytes // (self.mlp.fc1.out_features * x.element_size()))
         for r0 in range(0, flat.shape[0], rows):
@@ -456,11 +468,14 @@ class SegGPT(nn.Module):
         y = y + self.segment_token_y + pos + type_token
         return torch.cat((x, y), dim=0)
 
-    def forward_encoder(self, x: Tensor, feature_ensemble: bool | int = False) -> list[Tensor]:
+    def forward_encoder(
+        self, x: Tensor, feature_ensemble: bool | int = False, shared_query: bool = False
+    ) -> list[Tensor]:
         """Run the blocks on the two-stream batch; returns the normalised feature-layer outputs.
 
         feature_ensemble: True averages the query half over the whole batch (one query, B prompts); an int k
         averages over consecutive groups of k items (B / k queries with k prompts each, in one forward).
+        shared_query: the items of a group hold the same query half (see :meth:`forward`).
         """
         cfg = self.config
         batch = x.shape[0] // 2
@@ -481,7 +496,7 @@ class SegGPT(nn.Module):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, ensemble, use_reentrant=False)
             else:
-                x = blk(x, ensemble)
+                x = blk(x, ensemble, shared_query)
             if i == cfg.merge_index:
                 n = x.shape[0] // 2
                 x = (x[:n] + x[n:]) * 0.5
@@ -568,7 +583,7 @@ class SegGPT(nn.Module):
         a query tile, as base inference has, that skips 47 of every 48 decodes and halves the forward's time.
         """
         x = self.embed(images, labels, mask, embedding_type)
-        features = self.forward_encoder(x, feature_ensemble)
+        features = self.forward_encoder(x, feature_ensemble, shared_query)
         if shared_query:
             if not query_only:
                 raise ValueError("shared_query decodes only the query half: it needs query_only")

@@ -330,7 +330,8 @@ def test_grouped_ensemble_equals_separate_forwards(micro):
 
 
 def test_shared_query_decodes_each_group_once_with_the_same_pixels(micro):
-    """Inference's groups share one query half: decoding it once per group changes the cost, not the pixels."""
+    """Inference's groups share one query half: running its MLP in every block and its decoder once per group
+    changes the cost, not the pixels."""
     cfg = micro.config
     h = cfg.tile_size[0]
     k, queries = 3, 2
