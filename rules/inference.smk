@@ -14,6 +14,7 @@ rule infer_base:
         "results/logs/infer_base.log",
     benchmark:
         "results/benchmarks/infer_base.tsv"
+    priority: PRIORITY["wide"]
     conda:
         "../envs/fewseg.yaml"
     threads: 4
@@ -45,6 +46,7 @@ rule infer_novel:
         "results/logs/infer_novel_{cls}.log",
     benchmark:
         "results/benchmarks/infer_novel_{cls}.tsv"
+    priority: PRIORITY["prompt_chain"]
     conda:
         "../envs/fewseg.yaml"
     threads: CLASS_JOB_THREADS
@@ -99,6 +101,7 @@ rule measure_background:
         "results/logs/measure_background_{cls}.log",
     benchmark:
         "results/benchmarks/measure_background_{cls}.tsv"
+    priority: PRIORITY["overlay_input"]
     conda:
         "../envs/fewseg.yaml"
     threads: CLASS_JOB_THREADS

@@ -46,6 +46,7 @@ rule select_support_pair:
         "results/logs/select_support_pair_{cls}.log",
     benchmark:
         "results/benchmarks/select_support_pair_{cls}.tsv"
+    priority: PRIORITY["prompt_chain"]
     conda:
         "../envs/fewseg.yaml"
     threads: CLASS_JOB_THREADS
@@ -72,6 +73,7 @@ rule train_prompt_phase1:
         "results/logs/train_prompt_phase1_{cls}.log",
     benchmark:
         "results/benchmarks/train_prompt_phase1_{cls}.tsv"
+    priority: PRIORITY["prompt_chain"]
     conda:
         "../envs/fewseg.yaml"
     threads: CLASS_JOB_THREADS
@@ -100,6 +102,7 @@ rule train_prompt_phase2:
         "results/logs/train_prompt_phase2_{cls}.log",
     benchmark:
         "results/benchmarks/train_prompt_phase2_{cls}.tsv"
+    priority: PRIORITY["prompt_chain"]
     conda:
         "../envs/fewseg.yaml"
     threads: CLASS_JOB_THREADS
