@@ -120,7 +120,7 @@ def test_the_prompt_predicts_the_query_half_with_the_whole_canvas_loss_and_gradi
             pred = model(images, labels, mask)
             loss = model.loss(pred, labels.detach(), mask)
         loss.backward()
-        grads.append((pred.detach(), float(loss), prompt.prompt_image.grad, prompt.prompt_label.grad))
+        grads.append((pred.detach(), float(loss.detach()), prompt.prompt_image.grad, prompt.prompt_label.grad))
     (half_pred, half_loss, *half_grads), (full_pred, full_loss, *full_grads) = grads
     assert half_pred.shape == query.shape
     assert torch.allclose(half_pred, full_pred[:, :, h:], atol=1e-5)
