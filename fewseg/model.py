@@ -325,6 +325,11 @@ def _ensemble_query_half(x: Tensor, spec: EnsembleSpec) -> Tensor:
     return torch.cat([top, mean.expand_as(flat).reshape(bottom.shape)], dim=1)
 
 
+def _group_size(batch: int, feature_ensemble: bool | int) -> int:
+    """Items per feature-ensemble group: the whole batch for True, else the given k (0 or False: no ensemble)."""
+    return batch if feature_ensemble is True else int(feature_ensemble)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; optionally averages the query half of the attention output."""
 
@@ -479,7 +484,7 @@ class SegGPT(nn.Module):
         """
         cfg = self.config
         batch = x.shape[0] // 2
-        k = batch if feature_ensemble is True else int(feature_ensemble)
+        k = _group_size(batch, feature_ensemble)
         if k and batch % k:
             raise ValueError(f"feature_ensemble groups of {k} do not divide the batch of {batch}")
         features = []
@@ -587,8 +592,7 @@ class SegGPT(nn.Module):
         if shared_query:
             if not query_only:
                 raise ValueError("shared_query decodes only the query half: it needs query_only")
-            batch = features[0].shape[0]
-            k = batch if feature_ensemble is True else max(1, int(feature_ensemble))
+            k = max(1, _group_size(features[0].shape[0], feature_ensemble))
             features = [f[::k] for f in features]
         return self.forward_decoder(features, query_only)
 

@@ -309,14 +309,23 @@ def test_feature_ensemble_makes_query_halves_identical(micro):
     assert not torch.allclose(plain[:, :, h + 1 :], plain[:1, :, h + 1 :].expand_as(query), atol=1e-3)
 
 
+def _grouped_canvases(config: SegGPTConfig, k: int, queries: int, seed: int, labels_too: bool = False):
+    """Canvases for ``queries`` query images with k prompts each: every group repeats its first item's query half
+    (the image's, and with ``labels_too`` the label canvas's as well, as inference builds them)."""
+    h = config.tile_size[0]
+    images, labels = _canvases(config, k * queries, seed=seed)
+    for g in range(queries):
+        images[g * k : (g + 1) * k, :, h:] = images[g * k, :, h:]
+        if labels_too:
+            labels[g * k : (g + 1) * k, :, h:] = labels[g * k, :, h:]
+    return images, labels
+
+
 def test_grouped_ensemble_equals_separate_forwards(micro):
     """Several queries with k prompts each in one forward give what one forward per query gives."""
     cfg = micro.config
-    h = cfg.tile_size[0]
     k, queries = 3, 2
-    images, labels = _canvases(cfg, k * queries, seed=5)
-    for g in range(queries):
-        images[g * k : (g + 1) * k, :, h:] = images[g * k, :, h:]
+    images, labels = _grouped_canvases(cfg, k, queries, seed=5)
     mask = query_half_mask(cfg)
     with torch.no_grad():
         together = micro(images, labels, mask, feature_ensemble=k)
@@ -335,10 +344,7 @@ def test_shared_query_decodes_each_group_once_with_the_same_pixels(micro):
     cfg = micro.config
     h = cfg.tile_size[0]
     k, queries = 3, 2
-    images, labels = _canvases(cfg, k * queries, seed=7)
-    for g in range(queries):
-        images[g * k : (g + 1) * k, :, h:] = images[g * k, :, h:]
-        labels[g * k : (g + 1) * k, :, h:] = labels[g * k, :, h:]
+    images, labels = _grouped_canvases(cfg, k, queries, seed=7, labels_too=True)
     mask = query_half_mask(cfg)
     with torch.no_grad():
         every = micro(images, labels, mask, feature_ensemble=k, query_only=True)
