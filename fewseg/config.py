@@ -480,6 +480,7 @@ def base_inference_settings(config: dict) -> dict:
         "batch_size": inf["batch_size"],
         "grid": inf["base"]["grid"],
         "seam_repair": inf["base"]["seam_repair"],
+        "flips": inf["base"].get("flips", 1),
         "seam_band": inf["seam_band"],
         "palette": config["classes"]["palette"],
         "base": config["classes"]["base"],
@@ -496,6 +497,7 @@ def novel_inference_settings(config: dict, cls: int) -> dict:
         "batch_size": inf["batch_size"],
         "grid": own["grid"],
         "seam_repair": own["seam_repair"],
+        "flips": own.get("flips", 1),
         "seam_band": inf["seam_band"],
         "runtime": config["runtime"],
     }

@@ -167,6 +167,19 @@ def predict_canvases(
         ).float()  # fmt: skip
 
 
+# Test-time mirrors of a query tile, as the tensor dims to flip: none, left-right, up-down, both. Aerial tiles have no
+# up or left, so each mirror is as likely a scene as the original; averaging their predictions (mirrored back)
+# steadies small objects and thin structures at one forward per mirror.
+FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+
+
+def flip_dims(flips: int) -> tuple[tuple[int, ...], ...]:
+    """The first ``flips`` mirrors of :data:`FLIPS` (1: the query as it is, 2: and left-right, 4: all)."""
+    if flips not in (1, 2, 4):
+        raise ValueError(f"flips must be 1, 2 or 4, not {flips}")
+    return FLIPS[:flips]
+
+
 @torch.inference_mode()
 def predict_ensembled(
     model: SegGPT,
@@ -178,13 +191,14 @@ def predict_ensembled(
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    flips: int = 1,
 ) -> list[np.ndarray]:
     """Class ids of each query tile under the feature ensemble of all prompt canvases.
 
     Query tile i is paired with every prompt (k canvases); its label half is ``lowers[i]`` (first-pass colours
     for seam repair) or, with ``lowers`` None, blank (the whole query half is masked, so its content is never
     read), and ``masks[i]`` its query-half patch mask. As many query tiles as fit in ``batch_size`` canvases share
-    one forward (at least one).
+    one forward (at least one). ``flips`` > 1 averages the predictions of mirrored queries (see :data:`FLIPS`).
     """
     # Canvases are built in the dtype the patch embedding reads them in under autocast: the same values as
     # building them in fp32 and letting autocast cast them, with half the bytes to repeat and concatenate.
@@ -201,11 +215,19 @@ def predict_ensembled(
         else:
             lower = to_tensor(np.stack([lowers[i] for i in idx])).to(device, dtype)
         n = len(idx)  # canvas i * k + j: query tile i under prompt j
-        images = torch.cat([prompts.images.repeat(n, 1, 1, 1), q.repeat_interleave(k, dim=0)], dim=2)
-        labels = torch.cat([prompts.labels.repeat(n, 1, 1, 1), lower.repeat_interleave(k, dim=0)], dim=2)
-        mask = np.stack([canvas_mask(masks[i]) for i in idx for _ in range(k)])
-        pred = predict_canvases(model, images, labels, mask, ensemble=k, device=device, precision=precision)
-        out.extend(decode_canvas(pred, prompts.palette))
+        pred = None
+        for dims in flip_dims(flips):
+            # A mirrored query half (image, label half and patch mask alike) under the same, unmirrored prompts;
+            # its prediction is mirrored back before it joins the average.
+            qf, lowerf = q.flip(dims), lower.flip(dims)
+            images = torch.cat([prompts.images.repeat(n, 1, 1, 1), qf.repeat_interleave(k, dim=0)], dim=2)
+            labels = torch.cat([prompts.labels.repeat(n, 1, 1, 1), lowerf.repeat_interleave(k, dim=0)], dim=2)
+            axes = tuple(d - 2 for d in dims)  # (B, C, H, W) dims -> (H, W) axes of a patch mask
+            mask = np.stack([canvas_mask(np.flip(masks[i], axes)) for i in idx for _ in range(k)])
+            one = predict_canvases(model, images, labels, mask, ensemble=k, device=device, precision=precision)
+            one = one.flip(dims)
+            pred = one if pred is None else pred.add_(one)
+        out.extend(decode_canvas(pred.div_(flips), prompts.palette))
     return out
 
 
@@ -228,6 +250,7 @@ def predict_tiled_many(
     device: torch.device,
     batch_size: int = 8,
     precision: str = "fp32",
+    flips: int = 1,
     regions: Sequence[np.ndarray] | None = None,
     outside: int = 0,
 ) -> list[np.ndarray]:
@@ -237,7 +260,8 @@ def predict_tiled_many(
 
     ``regions`` (one boolean map per query, at its size; without seam repair only): predict just the tiles that
     touch the region and give the others ``outside``. Each tile is predicted on its own, so the region's ids are
-    those of the whole prediction, at a fraction of its cost when the region is small.
+    those of the whole prediction, at a fraction of its cost when the region is small. ``flips``: mirrored copies
+    of each tile (and seam crop) whose predictions are averaged (:func:`flip_dims`).
     """
     cfg = model.config
     h, w = cfg.tile_size
@@ -258,7 +282,8 @@ def predict_tiled_many(
         if k
     ]
     predicted = iter(predict_ensembled(
-        model, tiles, None, [whole] * len(tiles), prompts, batch_size=batch_size, device=device, precision=precision
+        model, tiles, None, [whole] * len(tiles), prompts, batch_size=batch_size, device=device, precision=precision,
+        flips=flips,
     ))  # fmt: skip
     ids_per_query = []
     for keep in wanted:
@@ -270,7 +295,7 @@ def predict_tiled_many(
     if seam_repair and grid > 1:
         ids_per_query = repair_seams(
             model, works, ids_per_query, prompts, grid=grid, band=seam_band, device=device, batch_size=batch_size,
-            precision=precision,
+            precision=precision, flips=flips,
         )  # fmt: skip
     return [resize_nearest(ids, query.shape[:2]) for ids, query in zip(ids_per_query, queries, strict=True)]
 
@@ -286,6 +311,7 @@ def repair_seams(
     device: torch.device,
     batch_size: int = 8,
     precision: str = "fp32",
+    flips: int = 1,
 ) -> list[np.ndarray]:
     """Re-predict bands around the tiling's seams with the first pass's colours as context (method section 7).
 
@@ -304,8 +330,9 @@ def repair_seams(
             queries.append(resize_image(work[y0:y1, x0:x1], (h, w)))
             lowers.append(resize_nearest(colours[y0:y1, x0:x1], (h, w)))
     predicted = predict_ensembled(
-        model, queries, lowers, masks * len(works), prompts, batch_size=batch_size, device=device, precision=precision
-    )
+        model, queries, lowers, masks * len(works), prompts, batch_size=batch_size, device=device, precision=precision,
+        flips=flips,
+    )  # fmt: skip
     n = len(crops)
     return [paste_bands(ids, crops, masks, predicted[i * n : (i + 1) * n]) for i, ids in enumerate(ids_per_query)]
 
@@ -356,6 +383,7 @@ def predict_base(
     device: torch.device,
     batch_size: int = 8,
     precision: str = "fp32",
+    flips: int = 1,
     region: np.ndarray | None = None,
     outside: int = 0,
 ) -> np.ndarray:
@@ -364,7 +392,7 @@ def predict_base(
     return predict_tiled_many(
         model, [query], ensemble, working_size=working_size, grid=grid, seam_repair=seam_repair, seam_band=seam_band,
         device=device, batch_size=batch_size, precision=precision, regions=None if region is None else [region],
-        outside=outside,
+        outside=outside, flips=flips,
     )[0]  # fmt: skip
 
 
@@ -398,9 +426,11 @@ def predict_novel_many(
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    flips: int = 1,
 ) -> list[np.ndarray]:
     """:func:`predict_novel` for several queries, whose tiles share forwards (one prompt serves them all)."""
     return predict_tiled_many(
         model, queries, novel_prompts(prompt_image, prompt_label), working_size=working_size, grid=grid,
         seam_repair=seam_repair, seam_band=seam_band, device=device, batch_size=batch_size, precision=precision,
+        flips=flips,
     )  # fmt: skip

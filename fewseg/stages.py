@@ -323,7 +323,7 @@ def _predict_base_tile(
     return predict_base(
         model, image, prompts, palette, working_size=s["working_size"], grid=s["grid"],
         seam_repair=s["seam_repair"], seam_band=s["seam_band"], device=device, batch_size=s["batch_size"],
-        precision=s["runtime"]["precision"], region=region, outside=255,
+        precision=s["runtime"]["precision"], region=region, outside=255, flips=s["flips"],
     )  # fmt: skip
 
 
@@ -401,7 +401,7 @@ def infer_novel(input, output, params, progress=None) -> None:
             masks = predict_novel_many(
                 model, images, prompt["prompt_image"], prompt["prompt_label"], working_size=s["working_size"],
                 grid=s["grid"], seam_repair=s["seam_repair"], seam_band=s["seam_band"], batch_size=s["batch_size"],
-                device=device, precision=s["runtime"]["precision"],
+                device=device, precision=s["runtime"]["precision"], flips=s["flips"],
             )  # fmt: skip
             for n, (q, image, mask) in enumerate(zip(chunk, images, masks, strict=True), start + 1):
                 write_prediction(tmp, q, (mask > 0).astype(np.uint8) * np.uint8(s["cls"]), image, show)

@@ -58,7 +58,7 @@ def test_a_partial_file_still_merges_one_class_over_the_defaults():
     user = {"inference": {"novel": {8: {"grid": 8}}}}
     merged, _ = layered(user)
     checked = check_config(drop_default_classes(merged, user), check_paths=False)
-    assert checked["inference"]["novel"][8] == {"grid": 8, "seam_repair": False}
+    assert checked["inference"]["novel"][8] == {"grid": 8, "seam_repair": False, "flips": 4}
     assert sorted(checked["inference"]["novel"]) == [8, 9, 10, 11]
 
 

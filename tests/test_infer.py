@@ -11,6 +11,7 @@ from fewseg.infer import (
     band_mask,
     boxes_touching,
     canvas_mask,
+    flip_dims,
     predict_base,
     predict_ensembled,
     predict_novel,
@@ -246,3 +247,72 @@ def test_the_label_half_of_a_fully_masked_query_is_never_read():
             strict=True,
         )
     )
+
+
+def test_flip_dims_lists_the_mirrors_and_refuses_other_counts():
+    assert flip_dims(1) == ((),)
+    assert flip_dims(2) == ((), (3,))
+    assert flip_dims(4) == ((), (3,), (2,), (2, 3))
+    with pytest.raises(ValueError, match="flips must be 1, 2 or 4"):
+        flip_dims(3)
+
+
+@pytest.mark.parametrize("seam_repair", [False, True])
+def test_averaged_mirrors_make_the_prediction_of_a_mirrored_query_the_mirrored_prediction(seam_repair):
+    """With all four mirrors averaged, mirroring the query mirrors the answer, seam repair's one-sided band masks
+    included (each is mirrored with its crop); one pass alone does not, so the check has teeth."""
+    model = _loud_micro()
+    h, w = model.config.tile_size
+    # Tiles of exactly the model's size: a resize (nearest above all) would itself break the symmetry under test.
+    query = np.random.default_rng(7).integers(0, 255, (2 * h, 2 * w, 3), dtype=np.uint8)
+    g = torch.Generator().manual_seed(2)
+    p_img, p_lab = torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
+    kwargs = dict(working_size=2 * h, grid=2, seam_repair=seam_repair, seam_band=1, device=torch.device("cpu"))
+
+    def agreement(flips: int, axis: int) -> float:
+        plain = predict_novel(model, query, p_img, p_lab, batch_size=8, flips=flips, **kwargs)
+        mirrored = predict_novel(model, np.flip(query, axis).copy(), p_img, p_lab, batch_size=8, flips=flips, **kwargs)
+        assert 0 < plain.mean() < 1
+        return float((np.flip(mirrored, axis) == plain).mean())
+
+    for axis in (0, 1):
+        # Sums of the same four maps in another order may differ in the last bit: allow a stray pixel.
+        assert agreement(4, axis) > 0.999
+        assert agreement(1, axis) < 0.98
+
+
+def test_one_mirror_is_the_plain_prediction_and_more_change_it():
+    model = _loud_micro()
+    query = np.random.default_rng(8).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    h, w = model.config.tile_size
+    g = torch.Generator().manual_seed(3)
+    p_img, p_lab = torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
+    kwargs = dict(working_size=96, grid=3, seam_repair=False, seam_band=1, device=torch.device("cpu"), batch_size=16)
+    default = predict_novel(model, query, p_img, p_lab, **kwargs)
+    assert np.array_equal(default, predict_novel(model, query, p_img, p_lab, flips=1, **kwargs))
+    assert not np.array_equal(default, predict_novel(model, query, p_img, p_lab, flips=2, **kwargs))
+
+
+def test_averaged_mirrors_mirror_a_one_sided_patch_mask_with_the_query():
+    """Seam repair reads the first pass's colours under a band mask; a mask covering one side of the tile must be
+    mirrored with the query and its label half, or the mirrored passes re-predict the wrong side."""
+    model = _loud_micro()
+    rng = np.random.default_rng(9)
+    h, w = model.config.tile_size
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+    prompts = Prompts(to_tensor(rng.integers(0, 255, (2, h, w, 3), dtype=np.uint8)),
+                      to_tensor(palette[rng.integers(0, 3, (2, h, w))]), palette)  # fmt: skip
+    queries = list(rng.integers(0, 255, (2, h, w, 3), dtype=np.uint8))
+    lowers = list(palette[rng.integers(0, 3, (2, h, w))])
+    band = np.zeros((h // model.config.patch_size, w // model.config.patch_size), bool)
+    band[:, :1] = True  # the left patch column only
+    kwargs = dict(batch_size=4, device=torch.device("cpu"), flips=4)
+    plain = predict_ensembled(model, queries, lowers, [band] * 2, prompts, **kwargs)
+    for axis in (0, 1):
+        mirrored = predict_ensembled(
+            model, [np.flip(q, axis).copy() for q in queries], [np.flip(low, axis).copy() for low in lowers],
+            [np.flip(band, axis).copy()] * 2, prompts, **kwargs,
+        )  # fmt: skip
+        for a, b in zip(plain, mirrored, strict=True):
+            assert len(np.unique(a)) > 1
+            assert (np.flip(b, axis) == a).mean() > 0.999

@@ -279,7 +279,7 @@ def test_oem_config_passes_the_checks_over_the_defaults_and_on_its_own():
         for cls in config["classes"]["novel"]:  # no demo per-class phase (its lr 5e-4) survives the merge
             own = config["prompt_training"]["classes"][cls]
             assert own.get("phase2", config["prompt_training"]["phase2"]) == {"steps": 1000, "lr": 1e-5}
-        assert config["inference"]["novel"][11] == {"grid": 2, "seam_repair": True}
+        assert config["inference"]["novel"][11] == {"grid": 2, "seam_repair": True, "flips": 1}  # no demo mirrors
         assert config["inference"]["working_size"] == 1024 and config["inference"]["novel"][8]["grid"] == 8
         assert config["overlay"]["min_prompt_iou"] == 0.0
         assert config["overlay"]["background_check"] == {8: False, 9: True, 10: True, 11: True}  # no demo "auto"
