@@ -247,6 +247,18 @@ def test_second_phase_setting_reruns_that_phase_and_not_the_first(run, tmp_path)
     }  # fmt: skip
 
 
+def test_mirrors_of_one_class_rerun_its_two_predictions_and_what_reads_them(run, tmp_path):
+    """Its learned prompt's and its support pair's predictions (the ablation compares like with like); the base
+    predictions and the prompts stand."""
+    workdir, config, _ = run
+    changed = modified(config, {"inference.novel.10.flips": 4})
+    jobs = planned_jobs(workdir, write_config(tmp_path / "test-config-flips.yaml", changed))
+    assert jobs == {
+        "infer_novel": 1, "infer_novel_pair": 1, "overlay_step": 2, "make_submission": 1, "evaluate": 1,
+        "compare_prompts": 1, "job_statistics": 1, "all": 1,
+    }  # fmt: skip
+
+
 def test_background_share_threshold_reruns_only_the_auto_step_and_after(run, tmp_path):
     workdir, config, _ = run
     changed = modified(config, {"overlay.min_background_share": 0.9})
