@@ -1,5 +1,6 @@
 """The best support pair: candidate windows, the choice on the other fitting tiles, its file, and phase 1 from it."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import fewseg.prompt
 from fewseg.checkpoints import load_prompt, save_base_model
 from fewseg.config import load_config, pair_settings, prompt_settings
+from fewseg.data import resize_image
 from fewseg.model import build_model
 from fewseg.palette import BINARY_PALETTE, to_tensor
 from fewseg.prompt import fixed_prompt, pair_candidates, select_support_pair, support_iou
@@ -80,22 +82,86 @@ def test_a_fixed_prompt_is_the_crop_and_its_white_on_black_mask():
 
 def test_the_choice_is_scored_on_the_other_fitting_tiles_only(monkeypatch):
     """The pair is chosen by its IoU on the fitting tiles other than its own, never on held-out ones."""
-    rng = np.random.default_rng(1)
-    fit = [(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), _mask(64, [(0, 0, 32)])) for _ in range(3)]
-    scored_on = []
-
-    def fake_iou(model, prompt, tiles, side, device, precision="fp32", batch_size=16):
-        scored_on.append([id(t) for t in tiles])
-        return float(len(scored_on) == 2)  # the second candidate is the best
-
-    monkeypatch.setattr(fewseg.prompt, "support_iou", fake_iou)
+    fit = [(np.full((64, 64, 3), 40 * (t + 1), np.uint8), _mask(64, [(0, 0, 32)])) for t in range(3)]
     model = build_model("micro")
+    tile_of_value = {
+        round(float(to_tensor(resize_image(image, model.config.tile_size))[0, 0, 0, 0]), 4): t
+        for t, (image, _) in enumerate(fit)
+    }
+    scored_on: dict[int, set[int]] = {}
+
+    def fake_predictions(model, prompt, crops, device, precision, batch_size):
+        own = tile_of_value[round(float(prompt.prompt_image.detach()[0, 0, 0, 0]), 4)]
+        seen = scored_on.setdefault(own, set())
+        for image, truth in crops:
+            seen.add(tile_of_value[round(float(to_tensor(image)[0, 0, 0, 0]), 4)])
+            yield [(truth if own == 1 else np.zeros_like(truth), truth)]  # the second tile's window is perfect
+
+    monkeypatch.setattr(fewseg.prompt, "_predicted_crops", fake_predictions)
     prompt, window, iou = select_support_pair(model, fit, side=32, limit=3, device=torch.device("cpu"))
     assert iou == 1.0 and window.tile == 1
-    for candidate_tile, tiles in zip(range(3), scored_on, strict=True):
-        assert tiles == [id(t) for k, t in enumerate(fit) if k != candidate_tile]
+    assert scored_on == {own: {t for t in range(3) if t != own} for own in range(3)}
     expected = fixed_prompt(fit[1][0][:32, :32], fit[1][1][:32, :32], model.config.tile_size)
     assert torch.equal(prompt.prompt_image, expected.prompt_image)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_pruned_search_chooses_what_scoring_every_window_on_every_crop_chooses(monkeypatch, caplog, seed):
+    """Windows stop once their IoU bound falls below the best so far: the same window and IoU as scoring every
+    window on every crop (the first of the best on ties), with fewer predictions. Each window's predictions are
+    drawn from its own noise level (some windows miss much, some mark much), fixed per window and crop."""
+    rng = np.random.default_rng(seed)
+    fit = [
+        (rng.integers(0, 255, (128, 128, 3), dtype=np.uint8), _mask(128, [(int(y), int(x), 8) for y, x in spots]))
+        for spots in (rng.integers(0, 120, (4, 2)) for _ in range(3))
+    ]
+    side, device = 32, torch.device("cpu")
+    model = build_model("micro")
+    candidates = pair_candidates([m for _, m in fit], side, 16)
+    noise = {}  # per window: (share of class pixels missed, share of other pixels marked)
+
+    def fake_predictions(model, prompt, crops, device, precision, batch_size):
+        key = prompt.prompt_image.detach().numpy().tobytes()
+        miss, mark = noise.setdefault(key, (rng.uniform(0, 0.9), rng.uniform(0, 0.3) ** 2))
+        for start in range(0, len(crops), batch_size):
+            batch = []
+            for image, truth in crops[start : start + batch_size]:
+                draw = np.random.default_rng(list(key[:64]) + list(image.tobytes()[:64])).random(truth.shape)
+                pred = np.where(truth > 0, draw >= miss, draw < mark).astype(np.uint8)
+                batch.append((pred, truth))
+            yield batch
+
+    monkeypatch.setattr(fewseg.prompt, "_predicted_crops", fake_predictions)
+    exhaustive = []
+    for c in candidates:
+        window = (slice(c.y, c.y + side), slice(c.x, c.x + side))
+        plain = fixed_prompt(fit[c.tile][0][window], fit[c.tile][1][window], model.config.tile_size)
+        others = [t for k, t in enumerate(fit) if k != c.tile]
+        crops = fewseg.prompt.support_crops(others, side, model.config.tile_size)
+        found = fewseg.prompt._Counts()
+        for batch in fake_predictions(model, plain, crops, device, "fp32", 16):
+            for pred, truth in batch:
+                found.add(pred, truth)
+        exhaustive.append(found.iou())
+    assert len(set(exhaustive)) > 3  # the windows really differ
+    with caplog.at_level("INFO", logger="fewseg.prompt"):
+        _, chosen, iou = select_support_pair(model, fit, side, 16, device)
+    assert chosen == candidates[int(np.argmax(exhaustive))]
+    assert iou == max(exhaustive)
+    made, total = map(int, re.search(r"(\d+) of their (\d+) crop predictions", caplog.text).groups())
+    assert total == len(candidates) * 2 * (128 // side) ** 2 and made < total
+
+
+def test_a_tie_goes_to_the_first_window(monkeypatch):
+    fit = [(np.full((64, 64, 3), 9 * t, np.uint8), _mask(64, [(0, 0, 40)])) for t in range(3)]
+
+    def same_for_all(model, prompt, crops, device, precision, batch_size):
+        yield [(truth, truth) for _, truth in crops]
+
+    monkeypatch.setattr(fewseg.prompt, "_predicted_crops", same_for_all)
+    model = build_model("micro")
+    _, chosen, iou = select_support_pair(model, fit, 32, 6, torch.device("cpu"))
+    assert iou == 1.0 and chosen == pair_candidates([m for _, m in fit], 32, 6)[0]
 
 
 def test_the_prompt_predicts_the_query_half_with_the_whole_canvas_loss_and_gradient():
