@@ -219,13 +219,13 @@ def predict_ensembled(
         for dims in flip_dims(flips):
             # A mirrored query half (image, label half and patch mask alike) under the same, unmirrored prompts;
             # its prediction is mirrored back before it joins the average.
-            qf, lowerf = q.flip(dims), lower.flip(dims)
-            images = torch.cat([prompts.images.repeat(n, 1, 1, 1), qf.repeat_interleave(k, dim=0)], dim=2)
-            labels = torch.cat([prompts.labels.repeat(n, 1, 1, 1), lowerf.repeat_interleave(k, dim=0)], dim=2)
+            # The unmirrored pass (the only one by default) copies nothing.
+            mirror = (lambda t, dims=dims: t.flip(dims)) if dims else (lambda t: t)
             axes = tuple(d - 2 for d in dims)  # (B, C, H, W) dims -> (H, W) axes of a patch mask
+            images = torch.cat([prompts.images.repeat(n, 1, 1, 1), mirror(q).repeat_interleave(k, dim=0)], dim=2)
+            labels = torch.cat([prompts.labels.repeat(n, 1, 1, 1), mirror(lower).repeat_interleave(k, dim=0)], dim=2)
             mask = np.stack([canvas_mask(np.flip(masks[i], axes)) for i in idx for _ in range(k)])
-            one = predict_canvases(model, images, labels, mask, ensemble=k, device=device, precision=precision)
-            one = one.flip(dims)
+            one = mirror(predict_canvases(model, images, labels, mask, ensemble=k, device=device, precision=precision))
             pred = one if pred is None else pred.add_(one)
         out.extend(decode_canvas(pred.div_(flips), prompts.palette))
     return out

@@ -218,7 +218,11 @@ def select_support_pair(
     candidates = pair_candidates([mask for _, mask in fit], side, limit)
     if not candidates:
         raise ValueError("no support window shows the class")
-    per_tile = [support_crops([tile], side, model.config.tile_size) for tile in fit]
+    # Each tile's crops, split once into those that show the class and the rest, each in the tile's order.
+    per_tile = []
+    for tile in fit:
+        crops = support_crops([tile], side, model.config.tile_size)
+        per_tile.append(([c for c in crops if c[1].any()], [c for c in crops if not c[1].any()]))
 
     def prompt_of(c: PairCandidate) -> LearnablePrompt:
         image, mask = fit[c.tile]
@@ -229,16 +233,15 @@ def select_support_pair(
     predicted = total = 0
     for c in candidates:
         others = [t for t in range(len(fit)) if t != c.tile] or [c.tile]
-        crops = [crop for t in others for crop in per_tile[t]]
-        shown = [crop for crop in crops if crop[1].any()]
+        shown = [crop for t in others for crop in per_tile[t][0]]
         found = _Counts()
         for batch in _predicted_crops(model, prompt_of(c), shown, device, precision, batch_size):
             for pred, truth in batch:
                 found.add(pred, truth)
         counts.append(found)
+        rest.append([crop for t in others for crop in per_tile[t][1]])
         predicted += len(shown)
-        total += len(crops)
-        rest.append([crop for crop in crops if not crop[1].any()])
+        total += len(shown) + len(rest[-1])
     best: tuple[float, int] | None = None
 
     def beaten(bound: float, i: int) -> bool:

@@ -106,6 +106,26 @@ def test_novel_prediction_comes_back_at_an_odd_query_size():
     assert 0 < mask.sum() < mask.size  # both classes present: the map was decoded, not filled
 
 
+def _random_prompt(model, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learned prompt's (image, label) pair of random values, at the model's tile size."""
+    h, w = model.config.tile_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
+
+
+def _coloured_case(model, rng: np.random.Generator, queries: int) -> tuple[Prompts, list, list]:
+    """Two random prompt tiles with three-colour masks, and query tiles with random first-pass colours."""
+    h, w = model.config.tile_size
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+    prompts = Prompts(to_tensor(rng.integers(0, 255, (2, h, w, 3), dtype=np.uint8)),
+                      to_tensor(palette[rng.integers(0, 3, (2, h, w))]), palette)  # fmt: skip
+    return (
+        prompts,
+        list(rng.integers(0, 255, (queries, h, w, 3), dtype=np.uint8)),
+        list(palette[rng.integers(0, 3, (queries, h, w))]),
+    )
+
+
 def _base_case(seed: int):
     rng = np.random.default_rng(seed)
     query = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
@@ -175,9 +195,7 @@ def test_seam_repair_changes_only_the_bands():
 def test_batched_novel_inference_equals_one_tile_per_forward():
     model = _loud_micro()
     query = np.random.default_rng(4).integers(0, 255, (96, 96, 3), dtype=np.uint8)
-    h, w = model.config.tile_size
-    g = torch.Generator().manual_seed(0)
-    p_img, p_lab = torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
+    p_img, p_lab = _random_prompt(model, 0)
     kwargs = dict(working_size=96, grid=3, seam_repair=True, seam_band=1, device=torch.device("cpu"))
     one = predict_novel(model, query, p_img, p_lab, batch_size=1, **kwargs)
     many = predict_novel(model, query, p_img, p_lab, batch_size=16, **kwargs)
@@ -190,9 +208,7 @@ def test_several_queries_sharing_forwards_predict_what_each_predicts_alone():
     model = _loud_micro()
     rng = np.random.default_rng(6)
     queries = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(96, 96, 3), (70, 110, 3), (96, 96, 3)]]
-    h, w = model.config.tile_size
-    g = torch.Generator().manual_seed(1)
-    p_img, p_lab = torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
+    p_img, p_lab = _random_prompt(model, 1)
     kwargs = dict(working_size=96, grid=3, seam_repair=True, seam_band=1, device=torch.device("cpu"))
     alone = [predict_novel(model, q, p_img, p_lab, batch_size=4, **kwargs) for q in queries]
     together = predict_novel_many(model, queries, p_img, p_lab, batch_size=16, **kwargs)
@@ -223,13 +239,8 @@ def test_a_novel_class_is_a_one_prompt_ensemble_with_the_binary_palette():
 def test_the_label_half_of_a_fully_masked_query_is_never_read():
     """The first pass leaves the query's label half blank: any content there gives the same prediction."""
     model = _loud_micro()
-    rng = np.random.default_rng(6)
     h, w = model.config.tile_size
-    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
-    prompts = Prompts(to_tensor(rng.integers(0, 255, (2, h, w, 3), dtype=np.uint8)),
-                      to_tensor(palette[rng.integers(0, 3, (2, h, w))]), palette)  # fmt: skip
-    queries = list(rng.integers(0, 255, (3, h, w, 3), dtype=np.uint8))
-    lowers = list(palette[rng.integers(0, 3, (3, h, w))])
+    prompts, queries, lowers = _coloured_case(model, np.random.default_rng(6), 3)
     whole = [np.ones((h // model.config.patch_size, w // model.config.patch_size), bool)] * 3
     kwargs = dict(batch_size=4, device=torch.device("cpu"))
     blank = predict_ensembled(model, queries, None, whole, prompts, **kwargs)
@@ -265,8 +276,7 @@ def test_averaged_mirrors_make_the_prediction_of_a_mirrored_query_the_mirrored_p
     h, w = model.config.tile_size
     # Tiles of exactly the model's size: a resize (nearest above all) would itself break the symmetry under test.
     query = np.random.default_rng(7).integers(0, 255, (2 * h, 2 * w, 3), dtype=np.uint8)
-    g = torch.Generator().manual_seed(2)
-    p_img, p_lab = torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
+    p_img, p_lab = _random_prompt(model, 2)
     kwargs = dict(working_size=2 * h, grid=2, seam_repair=seam_repair, seam_band=1, device=torch.device("cpu"))
 
     def agreement(flips: int, axis: int) -> float:
@@ -284,9 +294,7 @@ def test_averaged_mirrors_make_the_prediction_of_a_mirrored_query_the_mirrored_p
 def test_one_mirror_is_the_plain_prediction_and_more_change_it():
     model = _loud_micro()
     query = np.random.default_rng(8).integers(0, 255, (96, 96, 3), dtype=np.uint8)
-    h, w = model.config.tile_size
-    g = torch.Generator().manual_seed(3)
-    p_img, p_lab = torch.randn(1, 3, h, w, generator=g), torch.randn(1, 3, h, w, generator=g)
+    p_img, p_lab = _random_prompt(model, 3)
     kwargs = dict(working_size=96, grid=3, seam_repair=False, seam_band=1, device=torch.device("cpu"), batch_size=16)
     default = predict_novel(model, query, p_img, p_lab, **kwargs)
     assert np.array_equal(default, predict_novel(model, query, p_img, p_lab, flips=1, **kwargs))
@@ -297,13 +305,8 @@ def test_averaged_mirrors_mirror_a_one_sided_patch_mask_with_the_query():
     """Seam repair reads the first pass's colours under a band mask; a mask covering one side of the tile must be
     mirrored with the query and its label half, or the mirrored passes re-predict the wrong side."""
     model = _loud_micro()
-    rng = np.random.default_rng(9)
     h, w = model.config.tile_size
-    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
-    prompts = Prompts(to_tensor(rng.integers(0, 255, (2, h, w, 3), dtype=np.uint8)),
-                      to_tensor(palette[rng.integers(0, 3, (2, h, w))]), palette)  # fmt: skip
-    queries = list(rng.integers(0, 255, (2, h, w, 3), dtype=np.uint8))
-    lowers = list(palette[rng.integers(0, 3, (2, h, w))])
+    prompts, queries, lowers = _coloured_case(model, np.random.default_rng(9), 2)
     band = np.zeros((h // model.config.patch_size, w // model.config.patch_size), bool)
     band[:, :1] = True  # the left patch column only
     kwargs = dict(batch_size=4, device=torch.device("cpu"), flips=4)
