@@ -275,9 +275,10 @@ def test_oem_config_passes_the_checks_over_the_defaults_and_on_its_own():
         assert config["dataset"]["shots"] == 5 and config["dataset"]["source"] == "folder"
         assert config["base_training"]["lr"] == 1e-4 and config["base_training"]["random_palette_prob"] == 1.0
         assert (config["prompt_training"]["phase1"]["lr"], config["prompt_training"]["phase2"]["lr"]) == (1e-3, 1e-5)
-        assert config["prompt_training"]["classes"][10] == {"crop_size": 256, "max_crop_size": 512, "stride": 64}
-        for cls in config["classes"]["novel"]:  # no demo per-class phase (its lr 5e-4) survives the merge
+        assert config["prompt_training"]["classes"][11] == {"crop_size": 256, "max_crop_size": 512, "stride": 64}
+        for cls in config["classes"]["novel"]:  # no demo per-class phase (class 9's, class 10's) survives the merge
             own = config["prompt_training"]["classes"][cls]
+            assert own.get("phase1", config["prompt_training"]["phase1"]) == {"steps": 3000, "lr": 1e-3}
             assert own.get("phase2", config["prompt_training"]["phase2"]) == {"steps": 1000, "lr": 1e-5}
         assert config["inference"]["novel"][11] == {"grid": 2, "seam_repair": True, "flips": 1}  # no demo mirrors
         assert config["inference"]["working_size"] == 1024 and config["inference"]["novel"][8]["grid"] == 8
