@@ -24,19 +24,21 @@ CFG = fc.check_config(
 
 ORDER = CFG["overlay"]["order"]
 
-# Threads of the many small jobs (one per novel class or tile set: support pairs, prompt phases, novel inference,
-# background measurement, embeddings). Each spends seconds on one core (start-up, reading tiles, resizing, decoding),
-# so two one-thread jobs side by side finish sooner than the same jobs one after another on two threads: on 2 cores
-# the demo's jobs after base training took 336 s instead of 430 s, with the same submission. On a bigger machine
-# more classes run at once; raise it with --set-threads RULE=N (profiles/slurm has an example).
+# Threads of the many small jobs (one per novel class or tile set: support pairs, prompt phases, novel and base
+# inference, background measurement, embeddings). Each spends seconds on one core (start-up, reading tiles,
+# resizing, decoding), so two one-thread jobs side by side finish sooner than the same jobs one after another on
+# two threads: on 2 cores the demo's jobs after base training took 336 s instead of 430 s, with the same
+# submission, and base inference took 49 core-seconds on one thread against 68 on two. On a bigger machine more
+# classes run at once; raise it with --set-threads RULE=N (profiles/slurm has an example).
 CLASS_JOB_THREADS = 1
 
-# Which ready jobs start first when they outnumber the cores (Snakemake's `priority:`): the longest path to the
-# submission is each class's prompt chain (support pair, prompt phases, novel inference), so it goes first, then
-# the background measurements the overlay also needs, and last the ablation's support-pair inference, which only
-# the report reads. Base inference, which asks for several cores, takes them as soon as it is ready. On the demo
-# (2 cores) the jobs after base training then kept both cores busy: 277 s for 521 core-seconds.
-PRIORITY = {"wide": 3, "prompt_chain": 2, "overlay_input": 1}
+# Which ready jobs start first when they outnumber the cores (Snakemake's `priority:`; it does not pass to a job's
+# inputs, so every job on a path that should start early carries it). Base training first: everything after it
+# waits for it, and the tile embeddings need not run before it. Then base inference and the embeddings and ranking
+# it reads, so that this long job does not end the run alone; then each class's prompt chain (support pair, prompt
+# phases, novel inference), the background measurements the overlay also needs, and last the ablation's
+# support-pair inference, which only the report reads.
+PRIORITY = {"base_model": 4, "base_inference": 3, "prompt_chain": 2, "overlay_input": 1}
 
 
 onstart:

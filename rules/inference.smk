@@ -14,10 +14,10 @@ rule infer_base:
         "results/logs/infer_base.log",
     benchmark:
         "results/benchmarks/infer_base.tsv"
-    priority: PRIORITY["wide"]
+    priority: PRIORITY["base_inference"]
     conda:
         "../envs/fewseg.yaml"
-    threads: 4
+    threads: CLASS_JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=120,

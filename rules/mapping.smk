@@ -15,6 +15,7 @@ rule embed_tiles:
         "results/logs/embed_tiles_{subset}.log",
     benchmark:
         "results/benchmarks/embed_tiles_{subset}.tsv"
+    priority: PRIORITY["base_inference"]
     conda:
         "../envs/fewseg.yaml"
     threads: CLASS_JOB_THREADS
@@ -38,6 +39,7 @@ rule rank_prompts:
         "results/mapping/prompts.json",
     log:
         "results/logs/rank_prompts.log",
+    priority: PRIORITY["base_inference"]
     conda:
         "../envs/fewseg.yaml"
     threads: 1

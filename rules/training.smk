@@ -20,6 +20,7 @@ rule train_base:
         "results/logs/train_base.log",
     benchmark:
         "results/benchmarks/train_base.tsv"
+    priority: PRIORITY["base_model"]
     conda:
         "../envs/fewseg.yaml"
     threads: 4
