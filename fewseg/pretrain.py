@@ -32,6 +32,7 @@ from fewseg.demo import _noise
 from fewseg.errors import ConfigError
 from fewseg.metrics import ConfusionMatrix
 from fewseg.model import SegGPT, build_model, fingerprint
+from fewseg.optim import adamw
 from fewseg.palette import BINARY_PALETTE, decode_canvas, random_palette
 from fewseg.runtime import autocast, pick_device
 from fewseg.schedule import lr_at, set_lr
@@ -348,9 +349,9 @@ def pretrain(
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim <= 1 or name in no_decay_names else decay).append(param)
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [{"params": decay, "weight_decay": p["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=p["min_lr"], betas=tuple(p["betas"]),
+        device, lr=p["min_lr"], betas=tuple(p["betas"]),
     )  # fmt: skip
     schedule = {"peak": p["lr"], "min_lr": p["min_lr"], "warmup": p["warmup_steps"], "first_cycle": p["steps"]}
     ckpt_dir = Path(checkpoint_dir)

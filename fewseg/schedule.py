@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 
 def lr_at(
     step: int,
@@ -36,6 +34,7 @@ def lr_at(
     return min_lr + (top - min_lr) * (1 + math.cos(math.pi * frac)) / 2
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer, lr: float) -> None:
+    """Set every parameter group's rate (torch's optimizers and fewseg.optim.AdamW alike)."""
     for group in optimizer.param_groups:
         group["lr"] = lr

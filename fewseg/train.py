@@ -38,6 +38,7 @@ from fewseg.data import (
 from fewseg.io import atomic_path, read_image, read_label
 from fewseg.metrics import ConfusionMatrix
 from fewseg.model import SegGPT, build_model
+from fewseg.optim import Optimizer, adamw
 from fewseg.palette import BINARY_PALETTE, as_palette, decode_canvas, to_tensor
 from fewseg.prompt import (
     LearnablePrompt,
@@ -284,7 +285,7 @@ class _BaseRun:
 
     settings: BaseTrainingSettings
     model: SegGPT
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     store: TileStore
     val_store: TileStore
     val_pairs: list[tuple[int, int, int]]
@@ -331,14 +332,14 @@ def _base_device(device: str, world: int) -> torch.device:
     return chosen
 
 
-def _base_optimizer(model: SegGPT, s: BaseTrainingSettings) -> torch.optim.Optimizer:
+def _base_optimizer(model: SegGPT, s: BaseTrainingSettings, device: torch.device) -> Optimizer:
     """AdamW without weight decay on norms, biases, tokens and position tables."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or "token" in name or "pos_embed" in name or "rel_pos" in name else decay).append(p)
-    return torch.optim.AdamW(
+    return adamw(
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.min_lr, betas=s.betas,
+        device, lr=s.min_lr, betas=s.betas,
     )  # fmt: skip
 
 
@@ -364,7 +365,7 @@ def _setup_base(tiles: Sequence[dict], s: BaseTrainingSettings, checkpoint_dir: 
     run = _BaseRun(
         settings=s,
         model=model,
-        optimizer=_base_optimizer(model, s),
+        optimizer=_base_optimizer(model, s, device),
         store=TileStore(train_tiles, s.working_size, palette, s.cache_tiles),
         val_store=TileStore(val_tiles, s.working_size, palette, s.cache_tiles),
         val_pairs=validation_pairs(len(val_tiles), s.val_pairs, s.seed),
@@ -783,7 +784,7 @@ class _PromptRun:
     seed: int
     model: SegGPT
     prompt: LearnablePrompt
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     crops: SupportCrops
     held: list[dict]
     held_data: list[tuple[np.ndarray, np.ndarray]]
@@ -831,7 +832,7 @@ def _setup_prompt(
         seed=seed,
         model=model,
         prompt=prompt,
-        optimizer=torch.optim.AdamW(prompt.parameters(), lr=s.phase(phase).lr, weight_decay=s.weight_decay),
+        optimizer=adamw(prompt.parameters(), device, lr=s.phase(phase).lr, weight_decay=s.weight_decay),
         crops=crops,
         held=held,
         held_data=load_support(held, s.working_size),
