@@ -69,3 +69,11 @@ def test_incontext_bench_scores_the_shipped_weights_above_the_floor():
         assert 0.0 <= floor <= 1.0 and 0.0 <= miou <= 1.0
         # the shipped model reads its prompt: better than painting the prompt's main class, or marking everything
         assert miou > floor, kind
+
+
+def test_optim_bench_prints_both_sides_and_finds_the_same_weights():
+    out = _run("bench/optim_bench.py", "--preset", "micro", "--repeats", "1", "--steps", "3")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
+    assert set(rows) == {"fewseg", "torch"}
+    assert rows["fewseg"][-2] == "False" and rows["torch"][-2] == "True"  # which side imports torch._dynamo
+    assert out.strip().endswith("identical to the bit: True")

@@ -70,8 +70,10 @@ def test_dry_run_of_the_submission_as_a_user_types_it(tmp_path, args):
     assert not (tmp_path / "results").exists()  # a dry run writes no output
 
 
-def test_the_small_jobs_take_one_core_each_so_two_run_side_by_side(tmp_path):
-    """On 2 cores, base training takes both; the per-class and per-tile-set jobs one each (rules/common.smk)."""
+def test_the_small_jobs_take_one_core_each_and_base_training_starts_first(tmp_path):
+    """On 2 cores, base training takes both and starts before anything it does not need; the per-class and
+    per-tile-set jobs, base inference included, take one each, and base inference with what it reads runs before
+    the prompt chains, so that it does not end the run alone (rules/common.smk)."""
     for name in ("Snakefile", "rules", "workflow_scripts", "config.yaml", "profiles", "resources"):
         (tmp_path / name).symlink_to(ROOT / name)
     r = subprocess.run(
@@ -80,15 +82,22 @@ def test_the_small_jobs_take_one_core_each_so_two_run_side_by_side(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     threads: dict[str, set[int]] = {}
+    priority: dict[str, set[int]] = {}
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", r.stdout):
         rule = re.match(r"(?:local)?rule (\w+):", block)
         if rule:
-            found = re.search(r"^\s+threads: (\d+)$", block, re.M)
-            threads.setdefault(rule.group(1), set()).add(int(found.group(1)) if found else 1)
+            for key, seen in (("threads", threads), ("priority", priority)):
+                found = re.search(rf"^\s+{key}: (\d+)$", block, re.M)
+                seen.setdefault(rule.group(1), set()).add(int(found.group(1)) if found else int(key == "threads"))
     small = ("embed_tiles", "select_support_pair", "train_prompt_phase1", "train_prompt_phase2", "infer_novel",
-             "infer_novel_pair", "measure_background")  # fmt: skip
+             "infer_novel_pair", "measure_background", "infer_base")  # fmt: skip
     assert all(threads[name] == {1} for name in small), threads
-    assert threads["train_base"] == {2} and threads["infer_base"] == {2}
+    assert threads["train_base"] == {2}
+    (top,) = priority["train_base"]
+    assert all(max(p) < top for rule, p in priority.items() if rule != "train_base"), priority
+    chain = max(max(priority[r]) for r in ("select_support_pair", "train_prompt_phase1", "infer_novel"))
+    assert all(min(priority[r]) > chain for r in ("embed_tiles", "rank_prompts", "infer_base")), priority
+    assert max(priority["infer_novel_pair"]) < min(priority["measure_background"]) <= chain
 
 
 def test_submission_zip_is_what_the_challenge_wants(run):
