@@ -1,13 +1,13 @@
 """AdamW for the CPU training jobs, without ``torch.optim``'s start-up cost.
 
 Building the first ``torch.optim.Optimizer`` in a process imports ``torch._dynamo`` (its methods are wrapped to
-disable compilation): 2.4 s on a 2-core Xeon, about as long as ``import torch`` itself, paid by each of the demo's
-nine training jobs (base training and two prompt phases per novel class). On CPU torch runs AdamW one tensor at a
-time (``torch.optim.adam._single_tensor_adam``); :class:`AdamW` does the same arithmetic in the same order, so it
-trains the same weights to the bit (``tests/test_optim.py`` checks it against ``torch.optim.AdamW``), and its
-``state_dict`` has torch's layout, so a checkpoint written by either resumes in the other. On a GPU
-:func:`adamw` returns torch's own, whose multi-tensor kernels matter there and whose start-up is negligible next to a
-GPU job.
+disable compilation): 1.1-1.7 s on a 2-core Xeon once fewseg and the model are loaded (``bench/optim_bench.py``),
+paid by each of the demo's nine training jobs (base training and two prompt phases per novel class). On CPU torch
+runs AdamW one tensor at a time (``torch.optim.adam._single_tensor_adam``); :class:`AdamW` does the same arithmetic
+in the same order, so it trains the same weights to the bit (``tests/test_optim.py`` checks it against
+``torch.optim.AdamW``), and its ``state_dict`` has torch's layout, so a checkpoint written by either resumes in the
+other. On a GPU :func:`adamw` returns torch's own, whose multi-tensor kernels matter there and whose start-up is
+negligible next to a GPU job.
 """
 
 from __future__ import annotations
@@ -47,6 +47,17 @@ class AdamW:
             groups = [{"params": groups}]
         defaults = {"lr": float(lr), "betas": tuple(betas), "eps": float(eps), "weight_decay": float(weight_decay)}
         self.param_groups: list[dict[str, Any]] = [{**defaults, **g, "params": list(g["params"])} for g in groups]
+        params = self._params()
+        if not all(isinstance(p, torch.Tensor) for p in params):
+            raise TypeError("AdamW takes tensors or groups of tensors (not named parameters)")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("AdamW got the same parameter twice")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            if group["lr"] < 0 or group["eps"] < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+                raise ValueError(
+                    f"AdamW: invalid lr, eps or betas in a group: {group['lr']}, {group['eps']}, {group['betas']}"
+                )
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 
     def _params(self) -> list[torch.Tensor]:
@@ -101,7 +112,8 @@ class AdamW:
             n = len(group["params"])
             groups.append({**_TORCH_GROUP_DEFAULTS, **group, "params": list(range(start, start + n))})
             start += n
-        state = {index[p]: {k: v.clone() for k, v in s.items()} for p, s in self.state.items() if p in index}
+        # The tensors themselves, as torch returns them: torch.save copies them, and a clone would double the memory.
+        state = {index[p]: dict(s) for p, s in self.state.items() if p in index}
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -109,12 +121,12 @@ class AdamW:
         saved = state_dict["param_groups"]
         if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError("optimizer state does not match these parameter groups (different sizes)")
+        if any(old.get("amsgrad") or old.get("maximize") for old in saved):
+            raise ValueError("optimizer state uses amsgrad or maximize, which fewseg's AdamW does not do")
         for group, old in zip(self.param_groups, saved, strict=True):
             for key in ("lr", "betas", "eps", "weight_decay"):
                 if key in old:
                     group[key] = tuple(old[key]) if key == "betas" else old[key]
-            if old.get("amsgrad") or old.get("maximize"):
-                raise ValueError("optimizer state uses amsgrad or maximize, which fewseg's AdamW does not do")
         ids = [i for g in saved for i in g["params"]]
         self.state = {}
         for i, p in zip(ids, self._params(), strict=True):

@@ -54,25 +54,53 @@ def test_a_parameter_without_gradient_is_left_alone_as_torch_does():
 
 
 @pytest.mark.parametrize("first, second", [(AdamW, torch.optim.AdamW), (torch.optim.AdamW, AdamW), (AdamW, AdamW)])
-def test_state_saved_by_one_resumes_in_the_other_to_the_same_weights(first, second):
+def test_state_saved_by_one_resumes_in_the_other_to_the_same_weights(first, second, tmp_path):
     straight = _model()
     _train(straight, AdamW(_groups(straight), lr=1e-3), range(20))
     resumed = _model()
     opt = first(_groups(resumed), lr=1e-3)
     _train(resumed, opt, range(10))
-    saved = opt.state_dict()
+    torch.save({"model": resumed.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "resume.pt")
+    resumed = _model(seed=1)  # a fresh process would build the model anew, then load the checkpoint
+    checkpoint = torch.load(tmp_path / "resume.pt", weights_only=False)
+    resumed.load_state_dict(checkpoint["model"])
+    saved = checkpoint["optimizer"]
     opt = second(_groups(resumed), lr=1e-3)
     opt.load_state_dict(saved)
     _train(resumed, opt, range(10, 20))
     assert _same(resumed, straight)
 
 
-def test_state_of_other_groups_is_refused():
+def test_state_of_other_groups_or_of_amsgrad_is_refused_and_changes_nothing():
     model = _model()
     opt = AdamW(_groups(model), lr=1e-3)
     _train(model, opt, range(2))
     with pytest.raises(ValueError, match="different sizes"):
         AdamW(model.parameters(), lr=1e-3).load_state_dict(opt.state_dict())
+    other = torch.optim.AdamW(_groups(model), lr=1e-3, amsgrad=True)
+    _train(model, other, range(2))
+    set_lr(other, 0.5)
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.load_state_dict(other.state_dict())
+    assert [g["lr"] for g in opt.param_groups] == [2e-2, 2e-2] and len(opt.state) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "make, error",
+    [
+        (lambda m: AdamW(m.named_parameters()), "named parameters"),
+        (lambda m: AdamW([*m.parameters(), next(m.parameters())]), "same parameter twice"),
+        (lambda m: AdamW(m.parameters(), betas=(0.9, 1.0)), "invalid lr, eps or betas"),
+        (lambda m: AdamW([], lr=1e-3), "empty"),
+    ],
+)
+def test_what_torch_refuses_is_refused_when_built(make, error):
+    with pytest.raises((TypeError, ValueError), match=error):
+        make(_model())
+
+
+def test_other_devices_get_torchs_own():
+    assert type(adamw(_model().parameters(), "cuda", lr=1e-3)) is torch.optim.AdamW  # builds without a GPU
 
 
 def test_cpu_gets_fewsegs_and_building_it_does_not_import_dynamo():
