@@ -8,6 +8,10 @@ longer, and its peak is ``decay`` times the previous one. Being a pure function 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fewseg.optim import Optimizer
 
 
 def lr_at(
@@ -34,7 +38,7 @@ def lr_at(
     return min_lr + (top - min_lr) * (1 + math.cos(math.pi * frac)) / 2
 
 
-def set_lr(optimizer, lr: float) -> None:
+def set_lr(optimizer: Optimizer, lr: float) -> None:
     """Set every parameter group's rate (torch's optimizers and fewseg.optim.AdamW alike)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
